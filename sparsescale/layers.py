@@ -1,0 +1,150 @@
+"""Sparse NNX layers: `SparseLinear`, its `Mask` variable, and `sparsify()` for users' own models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes as nnx_dtypes
+
+from sparsescale import sparsity as sp
+
+default_kernel_init = nnx.initializers.lecun_normal()
+default_bias_init = nnx.initializers.zeros_init()
+
+
+class Mask(nnx.Variable):
+    """Boolean keep-mask of a sparse kernel (True = kept). Not an `nnx.Param`: no gradients, no
+    optimizer state. Created with the kernel's logical axis names (`out_sharding=`) so it shards
+    like its kernel."""
+
+
+def masked_kernel(kernel: jax.Array, mask: jax.Array, dense_grad: bool = False) -> jax.Array:
+    """kernel ⊙ mask. With `dense_grad` the value is the same but the gradient w.r.t. the kernel is
+    the dense gradient (straight-through), which RigL growth and SR-STE need."""
+    if dense_grad:
+        return kernel - jax.lax.stop_gradient(jnp.where(mask, jnp.zeros_like(kernel), kernel))
+    return jnp.where(mask, kernel, jnp.zeros_like(kernel))
+
+
+class SparseLinear(nnx.Module):
+    """Drop-in for `nnx.Linear` whose kernel [in, out] is multiplied by a boolean `Mask`.
+
+    y = x @ (kernel ⊙ mask) + bias. The mask starts all-ones (dense); pruning code writes it.
+    `kernel_axes` are the kernel's logical axis names; the mask gets the same ones.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        precision=None,
+        kernel_init=default_kernel_init,
+        bias_init=default_bias_init,
+        kernel_axes: Sequence[str | None] | None = None,
+        dense_grad: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.precision, self.dense_grad = dtype, precision, dense_grad
+        axes = {} if kernel_axes is None else {"out_sharding": tuple(kernel_axes)}
+        kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+        self.kernel = nnx.Param(kernel, **axes)
+        self.mask = Mask(jnp.ones((in_features, out_features), jnp.bool_), **axes)
+        bias_axes = {} if kernel_axes is None else {"out_sharding": (tuple(kernel_axes)[-1],)}
+        self.bias = (
+            nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype), **bias_axes)
+            if use_bias
+            else None
+        )
+
+    def effective_kernel(self) -> jax.Array:
+        return masked_kernel(self.kernel[...], self.mask[...], self.dense_grad)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.effective_kernel()
+        bias = None if self.bias is None else self.bias[...]
+        x, kernel, bias = nnx_dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        y = jnp.dot(x, kernel, precision=self.precision)
+        return y if bias is None else y + bias
+
+    def to_dense(self) -> jax.Array:
+        """The effective dense kernel [in, out] (pruned entries are zero)."""
+        return jnp.where(self.mask[...], self.kernel[...], 0)
+
+    def density(self) -> jax.Array:
+        return jnp.mean(self.mask[...].astype(jnp.float32))
+
+
+def _parent_and_key(model: nnx.Module, path: tuple):
+    parent = model
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    return parent, path[-1]
+
+
+def sparsify(
+    model: nnx.Module,
+    structure: sp.Structure | None = None,
+    *,
+    include: Sequence[str] = (r".*",),
+    exclude: Sequence[str] = sp.DEFAULT_EXCLUDE,
+    dense_grad: bool = False,
+) -> list[str]:
+    """Replaces, in place, every `nnx.Linear` of `model` whose path matches `include` and no
+    `exclude` pattern by a `SparseLinear` holding the same weights. With a `structure`, the masks
+    are set by weight magnitude and pruned weights zeroed (one-shot pruning).
+
+    Returns the converted paths ("a/b/0/c"). Raises if nothing matches.
+    """
+    linears = {
+        sp.path_str(path): (path, node)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Linear)
+    }
+    selected = sp.select_paths(list(linears), include, exclude, where=type(model).__name__)
+    for name in selected:
+        path, linear = linears[name]
+        kernel = linear.kernel
+        if structure is not None:
+            structure.validate(kernel.shape, where=name)
+        axes = kernel.get_metadata().get("out_sharding")
+        layer = SparseLinear(
+            linear.in_features,
+            linear.out_features,
+            use_bias=linear.bias is not None,
+            dtype=linear.dtype,
+            param_dtype=kernel[...].dtype,
+            precision=linear.precision,
+            kernel_axes=axes,
+            dense_grad=dense_grad,
+            rngs=nnx.Rngs(0),
+        )
+        layer.kernel[...] = kernel[...]
+        if linear.bias is not None:
+            layer.bias[...] = linear.bias[...]
+        if structure is not None:
+            keep = structure.mask(jnp.abs(kernel[...]))
+            layer.mask[...] = keep
+            layer.kernel[...] = jnp.where(keep, kernel[...], 0)
+        parent, key = _parent_and_key(model, path)
+        if isinstance(key, int):
+            parent[key] = layer
+        else:
+            setattr(parent, key, layer)
+    return selected
+
+
+def sparse_layers(model: nnx.Module) -> dict[str, SparseLinear]:
+    """All SparseLinear modules of a model by path string."""
+    return {
+        sp.path_str(path): node
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, SparseLinear)
+    }

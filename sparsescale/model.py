@@ -1,0 +1,287 @@
+"""Decoder-only transformer LM built from sparse layers, size presets, parameter and FLOP accounting.
+
+Legend for tensor names: B batch, L sequence length, D d_model, H heads, K head dim, F d_ff,
+V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsescale.layers import SparseLinear
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 256
+    max_len: int = 128
+    mlp: str = "gelu"  # "gelu" | "swiglu"
+    pos: str = "rope"  # "rope" | "learned"
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # activation/compute dtype; params stay float32
+    dense_grad: bool = False  # straight-through kernel gradients (RigL, SR-STE)
+    moe: object | None = (
+        None  # sparsescale.moe.MoEConfig; MoE replaces the MLP every moe.every layers
+    )
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model: d_model={self.d_model} must be divisible by n_heads={self.n_heads}."
+            )
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"model.mlp must be 'gelu' or 'swiglu', got {self.mlp!r}.")
+        if self.pos not in ("rope", "learned"):
+            raise ValueError(f"model.pos must be 'rope' or 'learned', got {self.pos!r}.")
+        if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"RoPE needs an even head dim, got {self.d_model // self.n_heads}.")
+        if min(self.vocab_size, self.d_model, self.n_layers, self.d_ff, self.max_len) < 1:
+            raise ValueError(f"model: all sizes must be positive, got {self}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and self.moe.num_experts > 0 and (i + 1) % self.moe.every == 0
+
+
+# Non-embedding parameters 12·D²·layers (GELU MLP with F = 4D). CPU presets span 25K → 4.7M (192×),
+# accelerator presets reach 1B.
+PRESETS: dict[str, dict] = {
+    "cpu_25k": dict(d_model=32, n_layers=2, n_heads=2, d_ff=128),
+    "cpu_100k": dict(d_model=64, n_layers=2, n_heads=4, d_ff=256),
+    "cpu_330k": dict(d_model=96, n_layers=3, n_heads=6, d_ff=384),
+    "cpu_600k": dict(d_model=128, n_layers=3, n_heads=8, d_ff=512),
+    "cpu_1.8m": dict(d_model=192, n_layers=4, n_heads=6, d_ff=768),
+    "cpu_4.7m": dict(d_model=256, n_layers=6, n_heads=8, d_ff=1024),
+    "acc_19m": dict(d_model=512, n_layers=6, n_heads=8, d_ff=2048),
+    "acc_85m": dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072),
+    "acc_300m": dict(d_model=1024, n_layers=24, n_heads=16, d_ff=4096),
+    "acc_1b": dict(d_model=2048, n_layers=20, n_heads=16, d_ff=8192),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"Unknown model preset {name!r}; known presets: {sorted(PRESETS)}.")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def rope(x_BxLxHxK: jax.Array, positions_L: jax.Array, base: float = 10_000.0) -> jax.Array:
+    half = x_BxLxHxK.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_LxK = positions_L[:, None].astype(jnp.float32) * freqs[None, :]
+    sin, cos = jnp.sin(angles_LxK)[None, :, None, :], jnp.cos(angles_LxK)[None, :, None, :]
+    x1, x2 = x_BxLxHxK[..., :half], x_BxLxHxK[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxHxK.dtype)
+
+
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes, rngs, init_scale: float = 1.0):
+    return SparseLinear(
+        d_in,
+        d_out,
+        use_bias=False,
+        dtype=jnp.dtype(cfg.dtype),
+        kernel_init=nnx.initializers.normal(init_scale / math.sqrt(d_in)),
+        kernel_axes=axes,
+        dense_grad=cfg.dense_grad,
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.d_model
+        out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+        self.q = _linear(cfg, d, d, ("embed", "heads"), rngs)
+        self.k = _linear(cfg, d, d, ("embed", "heads"), rngs)
+        self.v = _linear(cfg, d, d, ("embed", "heads"), rngs)
+        self.o = _linear(cfg, d, d, ("heads", "embed"), rngs, out_scale)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        b, l, _ = x_BxLxD.shape
+        split = lambda t: t.reshape(b, l, cfg.n_heads, cfg.head_dim)
+        q, k, v = split(self.q(x_BxLxD)), split(self.k(x_BxLxD)), split(self.v(x_BxLxD))
+        if cfg.pos == "rope":
+            positions = jnp.arange(l)
+            q, k = rope(q, positions), rope(k, positions)
+        out_BxLxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return self.o(out_BxLxHxK.reshape(b, l, cfg.d_model))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.kind = cfg.mlp
+        out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+        self.up = _linear(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
+        self.gate = (
+            _linear(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
+            if cfg.mlp == "swiglu"
+            else None
+        )
+        self.down = _linear(cfg, cfg.d_ff, cfg.d_model, ("mlp", "embed"), rngs, out_scale)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        h_BxLxF = self.up(x_BxLxD)
+        if self.gate is not None:
+            h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * h_BxLxF
+        else:
+            h_BxLxF = jax.nn.gelu(h_BxLxF)
+        return self.down(h_BxLxF)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs):
+        norm = lambda: nnx.RMSNorm(
+            cfg.d_model, rngs=rngs, scale_metadata={"out_sharding": ("embed",)}
+        )
+        self.attn_norm, self.mlp_norm = norm(), norm()
+        self.attn = Attention(cfg, rngs=rngs)
+        if cfg.is_moe_layer(index):
+            from sparsescale.moe import MoE
+
+            self.moe = MoE(cfg.moe, cfg.d_model, cfg.d_ff, cfg.mlp, rngs=rngs)
+            self.mlp = None
+        else:
+            self.moe = None
+            self.mlp = Mlp(cfg, rngs=rngs)
+
+    def __call__(self, x_BxLxD: jax.Array) -> tuple[jax.Array, dict]:
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
+        h = self.mlp_norm(x_BxLxD)
+        if self.moe is not None:
+            y, aux = self.moe(h)
+            return x_BxLxD + y, aux
+        return x_BxLxD + self.mlp(h), {}
+
+
+class Transformer(nnx.Module):
+    """Decoder-only byte-level LM. `__call__(tokens_BxL) -> (logits_BxLxV, aux)`; `aux` holds the
+    summed MoE auxiliary loss (`aux_loss`) and per-layer router statistics."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=nnx.initializers.normal(1.0),
+            embedding_metadata={"out_sharding": ("vocab", "embed")},
+            rngs=rngs,
+        )
+        self.pos_embed = (
+            nnx.Param(
+                0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model)),
+                out_sharding=(None, "embed"),
+            )
+            if cfg.pos == "learned"
+            else None
+        )
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.final_norm = nnx.RMSNorm(
+            cfg.d_model, rngs=rngs, scale_metadata={"out_sharding": ("embed",)}
+        )
+        self.unembed = (
+            None
+            if cfg.tie_embeddings
+            else nnx.Linear(
+                cfg.d_model,
+                cfg.vocab_size,
+                use_bias=False,
+                kernel_init=nnx.initializers.normal(1.0 / math.sqrt(cfg.d_model)),
+                kernel_metadata={"out_sharding": ("embed", "vocab")},
+                rngs=rngs,
+            )
+        )
+
+    def __call__(self, tokens_BxL: jax.Array) -> tuple[jax.Array, dict]:
+        dtype = jnp.dtype(self.cfg.dtype)
+        x_BxLxD = self.embed(tokens_BxL).astype(dtype)
+        if self.pos_embed is not None:
+            x_BxLxD = x_BxLxD + self.pos_embed[: tokens_BxL.shape[1]].astype(dtype)
+        aux_loss, stats = jnp.zeros((), jnp.float32), {}
+        for i, block in enumerate(self.blocks):
+            x_BxLxD, aux = block(x_BxLxD)
+            if aux:
+                aux_loss = aux_loss + aux["aux_loss"]
+                stats.update({f"moe/{i}/{k}": v for k, v in aux.items()})
+        x_BxLxD = self.final_norm(x_BxLxD)
+        if self.unembed is None:
+            logits_BxLxV = self.embed.attend(x_BxLxD)
+        else:
+            logits_BxLxV = self.unembed(x_BxLxD)
+        return logits_BxLxV.astype(jnp.float32), {"aux_loss": aux_loss, **stats}
+
+
+# ------------------------------------------------------------------------------------------------
+# Accounting (closed-form; tests check it against the built model).
+
+
+def _mlp_params(cfg: ModelConfig) -> int:
+    return (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * cfg.d_ff
+
+
+def param_counts(cfg: ModelConfig, prunable_sparsity: float = 0.0) -> dict[str, int]:
+    """Total, non-embedding, prunable (attention + MLP/expert kernels), active-per-token and non-zero
+    parameter counts. `prunable_sparsity` is the overall fraction removed from prunable kernels."""
+    d = cfg.d_model
+    attn = 4 * d * d
+    norms = 2 * d
+    prunable = active_prunable = 0
+    router = 0
+    for i in range(cfg.n_layers):
+        prunable += attn
+        active_prunable += attn
+        if cfg.is_moe_layer(i):
+            prunable += cfg.moe.num_experts * _mlp_params(cfg)
+            active_prunable += cfg.moe.top_k * _mlp_params(cfg)
+            router += d * cfg.moe.num_experts
+        else:
+            prunable += _mlp_params(cfg)
+            active_prunable += _mlp_params(cfg)
+    embedding = cfg.vocab_size * d + (0 if cfg.tie_embeddings else d * cfg.vocab_size)
+    embedding += cfg.max_len * d if cfg.pos == "learned" else 0
+    non_embedding = prunable + router + norms * cfg.n_layers + d
+    removed = int(round(prunable_sparsity * prunable))
+    return {
+        "total": non_embedding + embedding,
+        "non_embedding": non_embedding,
+        "prunable": prunable,
+        "nonzero": non_embedding + embedding - removed,
+        "active": non_embedding - prunable + active_prunable + embedding,
+        "active_nonzero": non_embedding
+        - prunable
+        + int(round(active_prunable * (1 - prunable_sparsity)))
+        + embedding,
+    }
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, prunable_sparsity: float = 0.0) -> float:
+    """Training FLOPs per token: 6 × (non-zero active matmul params incl. unembedding)
+    + 6 · layers · seq_len · d_model for attention scores (Kaplan et al. 2020)."""
+    counts = param_counts(cfg, prunable_sparsity)
+    matmul = (
+        counts["active_nonzero"]
+        - cfg.vocab_size * cfg.d_model  # the input embedding is a lookup, not a matmul
+        - (cfg.max_len * cfg.d_model if cfg.pos == "learned" else 0)
+        - (2 * cfg.d_model) * cfg.n_layers
+        - cfg.d_model
+    )
+    if cfg.tie_embeddings:
+        matmul += cfg.vocab_size * cfg.d_model
+    return 6.0 * matmul + 6.0 * cfg.n_layers * seq_len * cfg.d_model
