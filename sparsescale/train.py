@@ -434,6 +434,8 @@ def run(cfg: RunConfig, workdir: str | Path) -> dict:
     if start is None:
         state = trainer.init_fn()
         start, wall_before = 0, 0.0
+        if is_main:  # lines from a killed attempt that never reached a checkpoint
+            _truncate_metrics(metrics_path, 0)
     else:
         abstract = ckpt.abstract_with_shardings(
             jax.eval_shape(trainer.init_fn), trainer.state_shardings
@@ -460,6 +462,9 @@ def run(cfg: RunConfig, workdir: str | Path) -> dict:
         for step in range(start, cfg.optim.steps):
             state, metrics = trainer.step_fn(state, global_batch(trainer, next(train_iter)))
             done = step + 1
+            if step == start:  # keep compilation out of the throughput numbers
+                jax.block_until_ready(metrics)
+                t_last, step_last = time.perf_counter(), done
             log_now = done % cfg.optim.log_every == 0 or done == cfg.optim.steps
             ckpt_now = done % cfg.optim.ckpt_every == 0 or done == cfg.optim.steps
             eval_now = cfg.optim.eval_every and done % cfg.optim.eval_every == 0
@@ -473,12 +478,12 @@ def run(cfg: RunConfig, workdir: str | Path) -> dict:
                 )
             train_loss = metrics["train/loss"]
             now = time.perf_counter()
-            step_time = (now - t_last) / max(done - step_last, 1)
+            step_time = (now - t_last) / max(done - step_last, 1) if done > step_last else 0.0
             metrics.update(
                 {
                     "step": done,
                     "perf/step_time_s": step_time,
-                    "perf/tokens_per_s": tokens_per_step / step_time,
+                    "perf/tokens_per_s": tokens_per_step / step_time if step_time else 0.0,
                 }
             )
             t_last, step_last = now, done

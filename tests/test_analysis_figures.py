@@ -1,0 +1,145 @@
+"""End to end: `python -m analysis.figures` on a small synthetic sweep and the published data."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import figures, load, report
+from analysis.fit import fit_law, moe_law, sparse_law
+
+PUBLISHED = Path(__file__).resolve().parents[2] / "shared/data/published"
+TRUE = dict(a_S=40.0, b_S=1.2, c_S=60.0, b_N=0.3, a_D=2e8, b_D=0.35, c=1.2)
+FIGURES = (
+    "loss_vs_params",
+    "residuals",
+    "optimal_sparsity",
+    "loss_gap",
+    "tolerance",
+    "structure_penalty",
+    "moe",
+)
+
+
+def _synthetic_sweep() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for n_total in (2e6, 8e6, 32e6):
+        for tokens in (1e9, 4e9):
+            for seed in (0, 1):
+                for s, structure, m in [
+                    (0.0, "dense", None),
+                    (0.5, "unstructured", None),
+                    (0.75, "unstructured", None),
+                    (0.5, "nm", 4),
+                    (0.5, "nm", 8),
+                    (0.75, "block", 16),
+                ]:
+                    loss = sparse_law(TRUE, s, n_total * (1 - s), tokens)
+                    penalty = {"nm": 0.02 * 4 / m if m else 0, "block": 0.05}.get(structure, 0)
+                    rows.append(
+                        {
+                            "run_id": f"r{len(rows)}",
+                            "model": f"m{n_total:.0e}",
+                            "n_params_total": n_total,
+                            "n_params_nonzero": n_total * (1 - s),
+                            "sparsity": s,
+                            "structure": structure,
+                            "tokens": tokens,
+                            "seed": seed,
+                            "nm_n": m * 0.5 if structure == "nm" else None,
+                            "nm_m": m if structure == "nm" else None,
+                            "block_size": m if structure == "block" else None,
+                            "eval_loss": (loss + penalty) * np.exp(0.002 * rng.standard_normal()),
+                            "status": "finished",
+                        }
+                    )
+    for n_active in (2e6, 8e6):
+        for experts in (1, 4, 16):
+            loss = moe_law(dict(a=-0.08, b=-0.05, c=0.004, d=1.3), n_active, experts)
+            rows.append(
+                {
+                    "run_id": f"moe{len(rows)}",
+                    "n_params_total": n_active * experts,
+                    "n_params_nonzero": n_active * experts,
+                    "n_params_active": n_active,
+                    "num_experts": experts,
+                    "top_k": 1,
+                    "sparsity": 0.0,
+                    "structure": "moe",
+                    "tokens": 1e9,
+                    "eval_loss": float(loss),
+                    "status": "finished",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _table_value(text: str, section: str, param: str) -> str:
+    body = text.split(f"## {section}", 1)[1]
+    match = re.search(rf"^\| {re.escape(param)} \| ([^ |]+) \|", body, re.MULTILINE)
+    assert match, f"{param} not in section {section}"
+    return match.group(1)
+
+
+def test_cli_draws_every_figure_and_report_matches_fit(tmp_path):
+    csv = tmp_path / "results.csv"
+    _synthetic_sweep().to_csv(csv, index=False)
+    out = tmp_path / "out"
+    figures.main(["--results", str(csv), "--out", str(out), "--n-boot", "4", "--eps", "0.05"])
+    for name in FIGURES:
+        for suffix in (".png", ".pdf"):
+            assert (out / "figures" / f"{name}{suffix}").stat().st_size > 1000, name
+    text = (out / "report.md").read_text()
+    assert "Not drawn" not in text
+    for name in FIGURES:
+        assert f"(figures/{name}.png)" in text
+
+    df = load.load_results(csv)
+    sparse_df = df[df["structure"].isin(["dense", "unstructured"])].reset_index(drop=True)
+    fit = fit_law("sparse", sparse_df, report.DEFAULT_FIT_CONFIG)
+    for name, value in fit.params.items():
+        assert _table_value(text, "Sparse scaling law", name) == report.fmt(value)
+    assert abs(fit.params["b_N"] - TRUE["b_N"]) < 0.05  # sanity: the sweep follows the law
+    moe = fit_law(
+        "moe", df[df["structure"] == "moe"].reset_index(drop=True), report.DEFAULT_FIT_CONFIG
+    )
+    assert _table_value(text, "MoE law", "c") == report.fmt(moe.params["c"])
+    # The structure-penalty table shows the injected penalties (0.02 for 2:4, 0.05 for blocks).
+    assert "| nm | 4 |" in text and "| block | 16 |" in text
+
+
+def test_sweep_without_sparse_runs_says_what_it_skipped(tmp_path):
+    sweep = _synthetic_sweep()
+    sweep = sweep[sweep["structure"] == "dense"]
+    path = report.build_report(load.tidy(sweep), tmp_path, fit_config=report.DEFAULT_FIT_CONFIG)
+    text = path.read_text()
+    assert "## Dense law (Chinchilla form)" in text
+    assert "sparse-law fit and its figures: needs" in text
+    assert "MoE figure: no rows" in text
+    assert not (tmp_path / "figures" / "loss_vs_params.png").exists()
+
+
+@pytest.mark.skipif(
+    not (PUBLISHED / "frantar_table.csv").is_file(),
+    reason=f"published scaling data not found at {PUBLISHED}",
+)
+def test_published_vit_report(tmp_path):
+    figures.main(
+        [
+            "--published",
+            "vit",
+            "--published-dir",
+            str(PUBLISHED),
+            "--out",
+            str(tmp_path),
+            "--n-boot",
+            "2",
+        ]
+    )
+    text = (tmp_path / "report.md").read_text()
+    b_n = float(_table_value(text, "Sparse scaling law", "b_N"))
+    assert b_n == pytest.approx(0.392, rel=0.01)  # the published ViT exponent
+    assert (tmp_path / "figures" / "loss_vs_params.png").is_file()
