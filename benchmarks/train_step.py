@@ -1,0 +1,128 @@
+"""Train-step speed of the CPU presets: dense vs masked sparse (unstructured 75%, 2:4), model
+FLOP/s utilisation, and the cost of mask-update steps.
+
+    python benchmarks/train_step.py [--quick] [--presets cpu_25k,cpu_600k]
+
+Writes benchmarks/results/train_step_<backend>.json. Every ratio is measured in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+import sparsescale  # noqa: F401
+from benchmarks import common
+from experiments import common as exp_common
+from sparsescale import config as config_lib
+from sparsescale import train
+
+VARIANTS = {
+    "dense": {"sparsity.structure": "dense"},
+    "unstructured75": {
+        "sparsity.structure": "unstructured",
+        "sparsity.sparsity": 0.75,
+        "sparsity.schedule.kind": "constant",
+    },
+    "nm2:4": {"sparsity.structure": "nm", "sparsity.schedule.kind": "constant"},
+}
+
+
+def make_config(preset: str, overrides: dict, steps: int = 1000):
+    c = exp_common.base_config()
+    c.model.name = preset
+    c.train.steps = steps
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config_lib.run_config(c)
+
+
+def step_times(cfg, num_steps: int, start_step: int = 0) -> np.ndarray:
+    trainer = train.build(cfg)
+    state = trainer.init_fn()
+    state["step"] = jax.device_put(np.int32(start_step), trainer.state_shardings["step"])
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
+    batch = train.global_batch(trainer, batch)
+    state, metrics = trainer.step_fn(state, batch)  # compile
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(num_steps):
+        t = time.perf_counter()
+        state, metrics = trainer.step_fn(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    return np.array(times)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--presets", default="cpu_25k,cpu_100k,cpu_600k,cpu_1.8m,cpu_4.7m")
+    args = parser.parse_args()
+    num_steps = 10 if args.quick else 30
+    peak = common.matmul_flops_per_s()
+    print(f"dense f32 matmul: {peak / 1e9:.1f} GFLOP/s")
+    rows = []
+    for preset in args.presets.split(","):
+        row = {"preset": preset}
+        for name, overrides in VARIANTS.items():
+            cfg = make_config(preset, overrides)
+            t = float(np.median(step_times(cfg, num_steps)))
+            tokens = cfg.data.batch_size * cfg.data.seq_len
+            flops = train.model_accounting(cfg)["flops_per_token"]
+            dense_flops = train.model_accounting(make_config(preset, VARIANTS["dense"]))[
+                "flops_per_token"
+            ]
+            row[name] = {
+                "step_s": t,
+                "tokens_per_s": tokens / t,
+                # Masked layers still do dense work: utilisation counts the dense FLOPs done.
+                "utilisation": dense_flops * tokens / t / peak,
+                "nonzero_flops_per_token": flops,
+            }
+        for name in VARIANTS:
+            row[name]["over_dense"] = row[name]["step_s"] / row["dense"]["step_s"]
+        # Mask updates: gradual schedule over the whole run, updated every 10 steps.
+        every = 10
+        gradual = make_config(
+            preset,
+            {
+                "sparsity.structure": "unstructured",
+                "sparsity.sparsity": 0.75,
+                "sparsity.schedule.start": 0.0,
+                "sparsity.schedule.end": 1.0,
+                "sparsity.schedule.every": every,
+            },
+        )
+        times = step_times(gradual, 3 * every, start_step=1)  # steps 2..31: updates at 10, 20, 30
+        is_update = np.array([(s % every) == 0 for s in range(2, 2 + len(times))])
+        t_update, t_plain = np.median(times[is_update]), np.median(times[~is_update])
+        row["mask_update"] = {
+            "update_step_s": float(t_update),
+            "plain_step_s": float(t_plain),
+            "update_over_plain": float(t_update / t_plain),
+            "amortised_overhead": float((t_update - t_plain) / every / t_plain),
+        }
+        rows.append(row)
+        print(
+            f"{preset}: dense {row['dense']['step_s'] * 1e3:.1f} ms "
+            f"({row['dense']['tokens_per_s']:.0f} tok/s, util {row['dense']['utilisation']:.2f}); "
+            f"unstructured75 {row['unstructured75']['over_dense']:.3f}x, "
+            f"2:4 {row['nm2:4']['over_dense']:.3f}x; mask update "
+            f"{row['mask_update']['update_over_plain']:.2f}x a step, amortised "
+            f"{100 * row['mask_update']['amortised_overhead']:.1f}%"
+        )
+    path = common.write("train_step", {"matmul_flops_per_s": peak, "presets": rows})
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
