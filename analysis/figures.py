@@ -330,6 +330,42 @@ def plot_optimal_sparsity(
     return save(fig, path)
 
 
+def plot_extrapolation(held: pd.DataFrame, path=None) -> plt.Figure:
+    """Predicted vs measured loss of held-out runs (columns eval_loss, predicted, predicted_lo,
+    predicted_hi, sparsity), with the bootstrap interval of each prediction."""
+    levels = sorted(set(held["sparsity"]))
+    colors = _sparsity_colors(levels)
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for s in levels:
+        pts = held[held["sparsity"] == s]
+        yerr = np.vstack(
+            [pts["predicted"] - pts["predicted_lo"], pts["predicted_hi"] - pts["predicted"]]
+        )
+        ax.errorbar(
+            pts["eval_loss"],
+            pts["predicted"],
+            yerr=yerr,
+            fmt="o",
+            color=colors[s],
+            label=f"S={s:g}",
+        )
+    lims = [
+        min(held["eval_loss"].min(), held["predicted_lo"].min()) * 0.98,
+        max(held["eval_loss"].max(), held["predicted_hi"].max()) * 1.02,
+    ]
+    ax.plot(lims, lims, "k--", lw=0.8, label="y = x")
+    ax.set(
+        xlim=lims,
+        ylim=lims,
+        xlabel="measured eval loss (nats/byte)",
+        ylabel="predicted by the fit on smaller sizes",
+        title="Extrapolation to the largest size",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def main(argv=None) -> Path:
     from analysis import load, report
 

@@ -13,6 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.run_id = ""
     c.experiment = ""
+    c.tag = ""  # free-form label copied into summary.json (e.g. the token-budget regime)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "cpu_25k"  # a preset from sparsescale.model.PRESETS; fields below override it
@@ -35,6 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 128
     c.data.batch_size = 32
     c.data.seed = 0
+    c.data.synthetic_entropy = 1.0  # nats/byte, only for data.name = "synthetic"
+    c.data.synthetic_order = 2
 
     c.sparsity = ml_collections.ConfigDict()
     c.sparsity.structure = "dense"  # dense | unstructured | nm | block
@@ -84,3 +87,47 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.eval_batches = 2
     c.sparsity.schedule.every = 2
     return c
+
+
+def steps_for_budget(
+    model_name: str, tokens_per_param: float, batch_size: int, seq_len: int, min_steps: int
+) -> int:
+    """Steps that give `tokens_per_param` tokens per non-embedding parameter (at least
+    `min_steps`): token budgets that scale with model size."""
+    from sparsescale import model as model_lib
+
+    params = model_lib.param_counts(model_lib.preset(model_name))["non_embedding"]
+    return max(min_steps, round(tokens_per_param * params / (batch_size * seq_len)))
+
+
+def preset_of(presets: dict, arg: str, experiment: str) -> dict:
+    if arg not in presets:
+        raise ValueError(f"{experiment}: unknown preset {arg!r}; choose one of {sorted(presets)}.")
+    return presets[arg]
+
+
+def sparsity_overrides(structure: str, sparsity: float = 0.0, **structure_args) -> dict:
+    """Overrides for one sparsity variant; sparsity 0 (or structure "dense") is the dense baseline."""
+    if structure == "dense" or (structure in ("unstructured", "block") and sparsity == 0.0):
+        return {"sparsity.structure": "dense", "sparsity.sparsity": 0.0}
+    out = {"sparsity.structure": structure, "sparsity.sparsity": float(sparsity)}
+    out.update({f"sparsity.{k}": v for k, v in structure_args.items()})
+    return out
+
+
+def seed_overrides(seed: int) -> dict:
+    """One seed drives both the initialisation and the data order."""
+    return {"train.seed": seed, "data.seed": seed, "sparsity.seed": seed}
+
+
+def report(results, out_dir, title: str, n_boot: int = 100):
+    """analysis report (fits with bootstrap intervals, tolerance, figures) for a results subset."""
+    import dataclasses
+
+    from analysis import derived
+    from analysis import report as report_lib
+
+    cfg = dataclasses.replace(report_lib.DEFAULT_FIT_CONFIG, n_boot=n_boot)
+    return report_lib.build_report(
+        results, out_dir, fit_config=cfg, tol=derived.Tolerance(0.02), title=title
+    )

@@ -69,4 +69,5 @@ def run_config(config: ml_collections.ConfigDict) -> RunConfig:
         run_id=c.get("run_id", ""),
         experiment=c.get("experiment", ""),
         model_name=name,
+        tag=c.get("tag", ""),
     )

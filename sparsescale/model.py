@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsescale.layers import SparseLinear
+from sparsescale.layers import Mask, SparseLinear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +59,18 @@ class ModelConfig:
 # accelerator presets reach 1B.
 PRESETS: dict[str, dict] = {
     "cpu_25k": dict(d_model=32, n_layers=2, n_heads=2, d_ff=128),
+    "cpu_50k": dict(d_model=48, n_layers=2, n_heads=3, d_ff=192),
     "cpu_100k": dict(d_model=64, n_layers=2, n_heads=4, d_ff=256),
     "cpu_330k": dict(d_model=96, n_layers=3, n_heads=6, d_ff=384),
     "cpu_600k": dict(d_model=128, n_layers=3, n_heads=8, d_ff=512),
+    "cpu_800k": dict(d_model=128, n_layers=4, n_heads=8, d_ff=512),
     "cpu_1.8m": dict(d_model=192, n_layers=4, n_heads=6, d_ff=768),
     "cpu_4.7m": dict(d_model=256, n_layers=6, n_heads=8, d_ff=1024),
+    # d_model a multiple of 200 = lcm(8, 100): every pruned kernel admits 2:8 and 50:100 groups
+    # (structure figure).
+    "cpu_480k_d200": dict(d_model=200, n_layers=1, n_heads=10, d_ff=800),
+    "cpu_960k_d200": dict(d_model=200, n_layers=2, n_heads=10, d_ff=800),
+    "cpu_3.8m_d400": dict(d_model=400, n_layers=2, n_heads=20, d_ff=1600),
     "acc_19m": dict(d_model=512, n_layers=6, n_heads=8, d_ff=2048),
     "acc_85m": dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072),
     "acc_300m": dict(d_model=1024, n_layers=24, n_heads=16, d_ff=4096),
@@ -148,15 +155,24 @@ class Mlp(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
         norm = lambda: nnx.RMSNorm(
             cfg.d_model, rngs=rngs, scale_metadata={"out_sharding": ("embed",)}
         )
         self.attn_norm, self.mlp_norm = norm(), norm()
         self.attn = Attention(cfg, rngs=rngs)
         if cfg.is_moe_layer(index):
-            from sparsescale.moe import MoE
+            from sparsescale.moe import ExpertLinear, MoE
 
-            self.moe = MoE(cfg.moe, cfg.d_model, cfg.d_ff, cfg.mlp, rngs=rngs)
+            self.moe = MoE(cfg.moe, cfg.d_model, cfg.d_ff, cfg.mlp, rngs=rngs, dtype=dtype)
+            for expert in nnx.iter_graph(self.moe):  # experts are prunable like dense MLPs
+                if isinstance(expert[1], ExpertLinear):
+                    kernel = expert[1].kernel
+                    expert[1].mask = Mask(
+                        jnp.ones(kernel.shape, jnp.bool_),
+                        out_sharding=kernel.get_metadata()["out_sharding"],
+                    )
+                    expert[1].dense_grad = cfg.dense_grad
             self.mlp = None
         else:
             self.moe = None

@@ -72,6 +72,7 @@ class RunConfig:
     run_id: str = ""
     experiment: str = ""
     model_name: str = ""
+    tag: str = ""
 
     def __post_init__(self):
         if self.data.seq_len > self.model.max_len:
@@ -84,7 +85,7 @@ class RunConfig:
 
     def hash(self) -> str:
         d = self.to_dict()
-        for k in ("run_id", "experiment"):
+        for k in ("run_id", "experiment", "tag"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -390,6 +391,7 @@ def _summary_row(cfg: RunConfig, accounting: dict, final: dict) -> dict:
     return {
         "run_id": cfg.run_id,
         "experiment": cfg.experiment,
+        "tag": cfg.tag,
         "model": cfg.model_name,
         **accounting,
         "sparsity": sp.target_sparsity(structure),
