@@ -1,11 +1,12 @@
 """Figure 1 — do larger models tolerate higher sparsity, and in which training regime?
 
 Command:  python -m experiments.reproduce fig1_size --preset quick
-Runtime:  smoke ≈ 2 min; quick ≈ 35–45 min on 2 CPU cores (50 runs); medium ≈ 10 h (background);
+Runtime:  smoke ≈ 2 min; quick ≈ 40 min on 2 CPU cores (65 runs); medium ≈ 10 h (background);
           full: accelerators.
-Design:   5 sizes spanning 32× in non-embedding parameters × sparsity {0, 50, 75, 87.5, 93.75}%
-          unstructured, gradual magnitude pruning under one matched schedule (cubic, 25%→75% of
-          training, every 10 steps), in two token-budget regimes tagged in the results:
+Design:   5 sizes spanning 43× in non-embedding parameters (quick: 14K–590K) × sparsity
+          {0, 50, 75, 87.5, 93.75}% unstructured, gradual magnitude pruning under one matched
+          schedule (cubic, 25%→75% of training), two seeds for the sizes ≤ 150K (quick), in two
+          token-budget regimes tagged in the results:
           "scaled" (a fixed number of tokens per non-embedding parameter, so every size sees the
           same training budget relative to its size) and "fixed" (the same short step count for
           every size, as in ../shared/PILOT.md).
@@ -14,6 +15,7 @@ Expected: whatever the data show, stated with its regime. The pilot found the pe
 """
 
 from experiments import common
+from sparsescale import model as model_lib
 
 PRESETS = {
     "smoke": dict(
@@ -27,14 +29,16 @@ PRESETS = {
         seq_len=32,
     ),
     "quick": dict(
-        sizes=("cpu_25k", "cpu_50k", "cpu_100k", "cpu_330k", "cpu_800k"),
+        sizes=("cpu_12k", "cpu_25k", "cpu_100k", "cpu_330k", "cpu_600k"),
         sparsities=(0.0, 0.5, 0.75, 0.875, 0.9375),
-        seeds=(0,),
+        seeds=(0, 1),
+        max_params_multi_seed=150_000,  # second seed only where it is cheap
         tokens_per_param=4,
-        min_steps=200,
-        fixed_steps=200,
-        batch_size=16,
+        min_steps=50,
+        fixed_steps=300,
+        batch_size=8,
         seq_len=128,
+        every=5,
     ),
     "medium": dict(
         sizes=("cpu_25k", "cpu_100k", "cpu_330k", "cpu_800k", "cpu_1.8m"),
@@ -66,6 +70,7 @@ def get_config(arg: str = "quick"):
     c.data.batch_size = p["batch_size"]
     c.data.seq_len = c.model.max_len = p["seq_len"]
     c.sparsity.structure = "unstructured"
+    c.sparsity.schedule.every = p.get("every", 10)
     if arg == "smoke":
         c = common.smoke(c)
     return c
@@ -83,8 +88,10 @@ def get_sweep(arg: str = "quick"):
                 if regime == "scaled"
                 else p["fixed_steps"]
             )
+            params = model_lib.param_counts(model_lib.preset(size))["non_embedding"]
+            seeds = p["seeds"] if params <= p.get("max_params_multi_seed", float("inf")) else (0,)
             for sparsity in p["sparsities"]:
-                for seed in p["seeds"]:
+                for seed in seeds:
                     runs.append(
                         {
                             "tag": regime,

@@ -59,10 +59,11 @@ def get_config(arg: str = "quick"):
 
 def get_sweep(arg: str = "quick"):
     p = common.preset_of(PRESETS, arg, __name__)
+    variants = VARIANTS[:4] if arg == "smoke" else VARIANTS  # smoke: dense, unstructured, 1:2, 2:4
     return [
         {"model.name": size, **variant, **common.seed_overrides(seed)}
         for size in p["sizes"]
-        for variant in VARIANTS
+        for variant in variants
         for seed in p["seeds"]
     ]
 

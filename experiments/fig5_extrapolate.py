@@ -38,7 +38,12 @@ def extrapolate(results: pd.DataFrame, n_boot: int = 100) -> pd.DataFrame:
 def analyze(results, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     scaled = results[results["tag"] == "scaled"] if "tag" in results else results
-    held = extrapolate(scaled)
+    path = out_dir / "report.md"
+    try:
+        held = extrapolate(scaled)
+    except (ValueError, RuntimeError) as e:  # too few sizes or runs for the law
+        path.write_text(f"# Figure 5: extrapolation\n\nNot fitted: {e}\n")
+        return {"extrapolation": path}
     figures.plot_extrapolation(held, out_dir / "extrapolation")
     cols = ["model", "sparsity", "eval_loss", "predicted", "predicted_lo", "predicted_hi"]
     table = held[cols + ["relative_error"]].sort_values("sparsity")
@@ -53,6 +58,5 @@ def analyze(results, out_dir):
         "",
         "![extrapolation](extrapolation.png)",
     ]
-    path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return {"extrapolation": path}
