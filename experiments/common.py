@@ -67,6 +67,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_batches = 8
     c.train.ckpt_every = 200
 
+    c.launch = ml_collections.ConfigDict()  # Slurm resources per run (launch/backends/slurm.py)
+    c.launch.cpus_per_task = 2
+    c.launch.mem_gb = 8.0
+    c.launch.timeout_min = 60
+    c.launch.tasks = 1
+    c.launch.nodes = 1
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1

@@ -29,11 +29,21 @@ def masked_kernel(kernel: jax.Array, mask: jax.Array, dense_grad: bool = False) 
     return jnp.where(mask, kernel, jnp.zeros_like(kernel))
 
 
+IMPLS = ("masked", "pallas_nm", "pallas_block", "xla_block", "auto")
+
+
 class SparseLinear(nnx.Module):
     """Drop-in for `nnx.Linear` whose kernel [in, out] is multiplied by a boolean `Mask`.
 
     y = x @ (kernel ⊙ mask) + bias. The mask starts all-ones (dense); pruning code writes it.
     `kernel_axes` are the kernel's logical axis names; the mask gets the same ones.
+
+    `impl` picks how the product runs: "masked" (dense XLA matmul of kernel ⊙ mask), "pallas_nm"
+    (compressed N:M kernel; needs an `NM` structure), "pallas_block" / "xla_block" (block-sparse
+    Pallas kernel / gathered XLA path; need a `Block` structure), or "auto" (per backend: masked on
+    CPU, the structure's Pallas kernel on TPU/GPU). The compressed impls pack kernel and mask on
+    every call (differentiable), so training with a fixed mask runs through the kernel; a tile
+    configuration that cannot compile is rejected here, at construction.
     """
 
     def __init__(
@@ -49,10 +59,16 @@ class SparseLinear(nnx.Module):
         bias_init=default_bias_init,
         kernel_axes: Sequence[str | None] | None = None,
         dense_grad: bool = False,
+        impl: str = "masked",
+        structure: sp.Structure | None = None,
+        rows_hint: int = 1024,
         rngs: nnx.Rngs,
     ):
         self.in_features, self.out_features = in_features, out_features
         self.dtype, self.precision, self.dense_grad = dtype, precision, dense_grad
+        self.impl, self.structure = _resolve_impl(
+            impl, structure, (in_features, out_features), dtype or param_dtype, rows_hint
+        )
         axes = {} if kernel_axes is None else {"out_sharding": tuple(kernel_axes)}
         kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
         self.kernel = nnx.Param(kernel, **axes)
@@ -68,10 +84,16 @@ class SparseLinear(nnx.Module):
         return masked_kernel(self.kernel[...], self.mask[...], self.dense_grad)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.effective_kernel()
         bias = None if self.bias is None else self.bias[...]
-        x, kernel, bias = nnx_dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
-        y = jnp.dot(x, kernel, precision=self.precision)
+        if self.impl == "masked":
+            kernel = self.effective_kernel()
+            x, kernel, bias = nnx_dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
+            y = jnp.dot(x, kernel, precision=self.precision)
+        else:
+            x, kernel, bias = nnx_dtypes.promote_dtype(
+                (x, self.kernel[...], bias), dtype=self.dtype
+            )
+            y = _compressed_matmul(self.impl, self.structure, x, kernel, self.mask[...])
         return y if bias is None else y + bias
 
     def to_dense(self) -> jax.Array:
@@ -80,6 +102,62 @@ class SparseLinear(nnx.Module):
 
     def density(self) -> jax.Array:
         return jnp.mean(self.mask[...].astype(jnp.float32))
+
+
+def _resolve_impl(impl, structure, shape, dtype, rows_hint):
+    from sparsescale import kernels
+
+    if impl not in IMPLS:
+        raise ValueError(f"SparseLinear: impl must be one of {IMPLS}, got {impl!r}.")
+    if impl == "auto":
+        impl = kernels.auto_impl(structure.name if structure is not None else "dense")
+    if impl == "masked":
+        return impl, structure
+    backend = jax.default_backend()
+    interpret = backend == "cpu"
+    dtype = jnp.dtype(dtype)
+    if impl == "pallas_nm":
+        if not isinstance(structure, sp.NM):
+            raise ValueError(
+                f"SparseLinear impl='pallas_nm' needs an NM structure, got {structure}."
+            )
+        structure.validate(shape, "SparseLinear kernel")
+        tiles = kernels.tiles.pick_nm_tiles(
+            shape, rows_hint, dtype, backend, interpret, structure.n, structure.m
+        )
+        if not interpret:
+            kernels.check_config("nm", shape, dtype, tiles, backend, n=structure.n, m=structure.m)
+        return impl, structure
+    if not isinstance(structure, sp.Block):
+        raise ValueError(f"SparseLinear impl={impl!r} needs a Block structure, got {structure}.")
+    structure.validate(shape, "SparseLinear kernel")
+    if impl == "pallas_block":
+        tiles = kernels.tiles.pick_block_tiles(
+            shape, rows_hint, dtype, backend, interpret, structure.block
+        )
+        if not interpret:
+            kernels.check_config("block", shape, dtype, tiles, backend, block=structure.block)
+    return impl, structure
+
+
+def _compressed_matmul(impl, structure, x, kernel_KxN, mask_KxN):
+    from sparsescale import kernels
+
+    lead, k = x.shape[:-1], x.shape[-1]
+    x_MxK = x.reshape(-1, k)
+    if impl == "pallas_nm":
+        y = kernels.nm_matmul(
+            x_MxK, kernels.pack_nm(kernel_KxN, mask_KxN, structure.n, structure.m)
+        )
+    else:
+        # Worst-case tile budgets (all tiles), so a changing mask never changes shapes.
+        bh, bw = structure.block
+        packed = kernels.pack_block(
+            kernel_KxN, mask_KxN, structure.block, k // bh, kernel_KxN.shape[1] // bw
+        )
+        op = kernels.block_matmul if impl == "pallas_block" else kernels.xla_block_matmul
+        y = op(x_MxK, packed)
+    return y.reshape(*lead, -1)
 
 
 def _parent_and_key(model: nnx.Module, path: tuple):

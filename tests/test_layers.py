@@ -120,3 +120,43 @@ def test_bad_mesh_is_rejected():
         shard_lib.MeshConfig(data=4, tensor=2).shape(4)
     with pytest.raises(ValueError, match="not divisible"):
         shard_lib.MeshConfig(data=-1, tensor=3).shape(4)
+
+
+@pytest.mark.parametrize(
+    "impl, structure",
+    [
+        ("pallas_nm", sp.NM(2, 4)),
+        ("pallas_block", sp.Block(0.5, (8, 8))),
+        ("xla_block", sp.Block(0.75, (8, 8))),
+    ],
+)
+def test_compressed_impls_match_masked_forward_and_grads(impl, structure):
+    kwargs = dict(use_bias=True, kernel_axes=("embed", "mlp"))
+    masked = layers.SparseLinear(32, 16, rngs=nnx.Rngs(0), **kwargs)
+    fast = layers.SparseLinear(32, 16, impl=impl, structure=structure, rngs=nnx.Rngs(1), **kwargs)
+    mask = structure.mask(jnp.abs(masked.kernel[...]))
+    for layer in (masked, fast):
+        layer.kernel[...] = masked.kernel[...]
+        layer.mask[...] = mask
+        layer.bias[...] = jnp.linspace(-1, 1, 16)
+    x = jax.random.normal(jax.random.key(3), (2, 8, 32))
+    np.testing.assert_allclose(fast(x), masked(x), rtol=1e-5, atol=1e-5)
+
+    def loss(m):
+        return jnp.sum(jnp.sin(m(x)))
+
+    grad = lambda m: nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param))(m)
+    g_fast, g_masked = grad(fast), grad(masked)
+    np.testing.assert_allclose(g_fast.kernel[...], g_masked.kernel[...], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(g_fast.bias[...], g_masked.bias[...], rtol=1e-4, atol=1e-5)
+
+
+def test_impl_errors_and_auto():
+    with pytest.raises(ValueError, match="needs an NM structure"):
+        layers.SparseLinear(8, 8, impl="pallas_nm", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="needs a Block structure"):
+        layers.SparseLinear(8, 8, impl="xla_block", structure=sp.NM(2, 4), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        layers.SparseLinear(8, 8, impl="cusparse", rngs=nnx.Rngs(0))
+    auto = layers.SparseLinear(8, 8, impl="auto", structure=sp.NM(2, 4), rngs=nnx.Rngs(0))
+    assert auto.impl == ("masked" if jax.default_backend() == "cpu" else "pallas_nm")

@@ -1,0 +1,107 @@
+"""`python -m launch {run,status,collect,calibrate}`: launch and inspect sweeps.
+
+python -m launch run experiments/fig1.py:quick --root runs/fig1 [--dry-run] [--backend slurm]
+python -m launch status runs/fig1
+python -m launch collect runs/fig1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m launch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="launch (or resume) a sweep")
+    run.add_argument("experiment", help="experiment file and argument: path/to/exp.py[:arg]")
+    run.add_argument("--root", required=True, type=Path, help="sweep root directory")
+    run.add_argument("--dry-run", action="store_true", help="print runs and estimated cost only")
+    run.add_argument("--backend", choices=("local", "slurm"), default="local")
+    run.add_argument("--max-retries", type=int, default=2, help="retries of a failed run")
+    run.add_argument("--jobs", type=int, help="local: concurrent runs (default: measured)")
+    run.add_argument("--threads", type=int, help="local: cores per run (default: measured)")
+    run.add_argument("--refresh", type=float, default=2.0, help="local: table refresh seconds")
+    run.add_argument("--partition", help="slurm: partition")
+    run.add_argument("--no-wait", action="store_true", help="slurm: submit and exit")
+    run.add_argument("--poll", type=float, default=10.0, help="slurm: seconds between checks")
+
+    cal = sub.add_parser("calibrate", help="measure tokens/s per model for --dry-run times")
+    cal.add_argument("experiment")
+    cal.add_argument("--root", required=True, type=Path)
+    cal.add_argument("--steps", type=int, default=8)
+    cal.add_argument("--threads", type=int, help="cores per run (default: measured)")
+
+    st = sub.add_parser("status", help="print the status table of a sweep root")
+    st.add_argument("root", type=Path)
+
+    col = sub.add_parser("collect", help="write results.csv and results.parquet")
+    col.add_argument("root", type=Path)
+    col.add_argument("--all", action="store_true", help="also rows for unfinished runs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from launch.sweep import SweepError
+
+    try:
+        return _dispatch(args)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from launch import collect, cost, status, sweep
+    from launch.backends import local
+
+    if args.command == "status":
+        print(status.status_text(args.root))
+        return 0
+    if args.command == "collect":
+        frame = collect.collect(args.root, include_unfinished=args.all)
+        print(f"{len(frame)} runs -> {args.root / 'results.csv'}, {args.root / 'results.parquet'}")
+        return 0
+
+    expanded = sweep.expand(args.experiment)
+    if args.command == "calibrate":
+        threads = args.threads or local.default_jobs_threads()[1]
+        for model, m in cost.calibrate(expanded, args.root, threads, args.steps).items():
+            print(f"{model}: {m['tokens_per_s']:.4g} tokens/s, {m['flops_per_s']:.4g} FLOP/s")
+        return 0
+    if args.dry_run:
+        print(cost.dry_run_table(expanded, args.root))
+        return 0
+    if args.max_retries < 0:
+        raise sweep.SweepError(f"--max-retries must be ≥ 0, got {args.max_retries}")
+    if args.backend == "slurm":
+        from launch.backends import slurm
+
+        options = slurm.SlurmOptions(
+            max_retries=args.max_retries,
+            partition=args.partition,
+            wait=not args.no_wait,
+            poll_s=args.poll,
+        )
+        failed = slurm.run_slurm(expanded, args.root, options)
+    else:
+        jobs, threads, source = local.default_jobs_threads()
+        if args.jobs or args.threads:
+            jobs = args.jobs or max(1, len(local.available_cpus()) // args.threads)
+            threads = args.threads or max(1, len(local.available_cpus()) // jobs)
+            source = "--jobs/--threads"
+        print(f"local backend: {jobs} jobs × {threads} threads ({source})", flush=True)
+        options = local.LocalOptions(jobs, threads, args.max_retries, args.refresh)
+        failed = local.run_local(expanded, args.root, options)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

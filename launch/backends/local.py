@@ -1,0 +1,205 @@
+"""Local backend: runs trainer subprocesses, `jobs` at a time, each pinned to `threads` cores.
+
+jobs × threads comes from `--jobs/--threads`, else from the measurement stored by
+`benchmarks/threads.py`, else one job per core. One launcher per sweep root (an flock on
+`<root>/.launcher.lock`); relaunching skips done runs, resumes interrupted ones (the trainer restores
+its checkpoint) and retries failed ones while they have failed at most `max_retries` times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from launch import state, status
+from launch.sweep import Run, Sweep, SweepError, save_sweep, trainer_command
+
+THREADS_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "threads.json"
+SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalOptions:
+    jobs: int
+    threads: int
+    max_retries: int = 2
+    refresh_s: float = 2.0
+    poll_s: float = 0.25
+
+
+def available_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def default_jobs_threads(threads_json: Path = THREADS_JSON) -> tuple[int, int, str]:
+    """(jobs, threads, where the choice came from) for this machine."""
+    cores = len(available_cpus())
+    measured = state.read_json(threads_json)
+    if measured and measured.get("cores") == cores and "best" in measured:
+        best = measured["best"]
+        return int(best["jobs"]), int(best["threads"]), f"measured in {threads_json}"
+    return cores, 1, f"one job per core ({threads_json} has no measurement for {cores} cores)"
+
+
+def validate_jobs_threads(jobs: int, threads: int) -> None:
+    cores = len(available_cpus())
+    if jobs < 1 or threads < 1 or jobs * threads > cores:
+        raise SweepError(
+            f"--jobs {jobs} × --threads {threads} must be ≥ 1 each and fit the {cores} cores "
+            f"this process may use ({available_cpus()})"
+        )
+
+
+def child_env(threads: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of one trainer process limited to `threads` compute threads."""
+    env = dict(os.environ if base is None else base)
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith(("--xla_cpu_multi_thread_eigen", "intra_op_parallelism_threads"))
+    ]
+    if threads == 1:
+        flags.append(SINGLE_THREAD_XLA_FLAGS)
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def open_logs(workdir: Path, attempt: int, suffix: str = "") -> tuple[IO[str], IO[str]]:
+    """Append-mode stdout/stderr logs with an attempt header (earlier attempts are kept)."""
+    files = []
+    for name in ("stdout", "stderr"):
+        f = open(workdir / f"{name}{suffix}.log", "a")
+        f.write(f"===== attempt {attempt} {state.now_iso()} =====\n")
+        f.flush()
+        files.append(f)
+    return files[0], files[1]
+
+
+@dataclasses.dataclass
+class _Active:
+    run: Run
+    attempt: int
+    process: subprocess.Popen
+    logs: tuple[IO[str], IO[str]]
+    started: float
+    slot: int
+
+
+def _needs_work(s: state.RunStatus, max_retries: int) -> bool:
+    if s.status == state.PENDING:
+        return True
+    return s.status == state.FAILED and s.failures <= max_retries
+
+
+class _Printer:
+    """Redraws the table in place on a TTY; prints events and periodic tables otherwise."""
+
+    def __init__(self, out: IO[str], refresh_s: float):
+        self.out, self.refresh_s, self.last = out, refresh_s, 0.0
+        self.tty = out.isatty()
+
+    def event(self, text: str) -> None:
+        if not self.tty:
+            print(f"[{state.now_iso()}] {text}", file=self.out, flush=True)
+
+    def table(self, root: Path, record: dict[str, Any], force: bool = False) -> None:
+        period = self.refresh_s if self.tty else max(self.refresh_s, 30.0)
+        if not force and time.monotonic() - self.last < period:
+            return
+        self.last = time.monotonic()
+        text = status.format_table(record, status.sweep_statuses(root, record))
+        if self.tty:
+            self.out.write("\x1b[H\x1b[J")
+        print(text, file=self.out, flush=True)
+
+
+def run_local(sweep: Sweep, root: Path, options: LocalOptions, out: IO[str] = sys.stdout) -> int:
+    """Run every unfinished run of `sweep` under `root`; returns the number of failed runs."""
+    validate_jobs_threads(options.jobs, options.threads)
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    printer = _Printer(out, options.refresh_s)
+    with state.file_lock(root / ".launcher.lock", blocking=False) as locked:
+        if not locked:
+            raise SweepError(
+                f"{root}: another launcher is running this sweep (lock .launcher.lock)"
+            )
+        record = save_sweep(root, sweep)
+        cpus = available_cpus()
+        slots = [cpus[i * options.threads : (i + 1) * options.threads] for i in range(options.jobs)]
+        statuses = {s.run_id: s for s in status.sweep_statuses(root, record)}
+        queue = [r for r in sweep.runs if _needs_work(statuses[r.run_id], options.max_retries)]
+        for r in sweep.runs:
+            s = statuses[r.run_id]
+            if s.status in (state.RUNNING, state.QUEUED):
+                printer.event(f"{r.run_id}: {s.status} elsewhere, not started here")
+            elif s.status == state.FAILED and r not in queue:
+                printer.event(f"{r.run_id}: failed {s.failures} times (max retries reached)")
+        printer.event(
+            f"{len(queue)} of {len(sweep.runs)} runs to do; {options.jobs} jobs × "
+            f"{options.threads} threads"
+        )
+        active: list[_Active] = []
+        failures = {r.run_id: statuses[r.run_id].failures for r in sweep.runs}
+        try:
+            while queue or active:
+                for job in [j for j in active if j.process.poll() is not None]:
+                    active.remove(job)
+                    for f in job.logs:
+                        f.close()
+                    attempt = state.finish_attempt(
+                        root / job.run.run_id, job.attempt, job.process.returncode, job.started
+                    )
+                    if attempt["outcome"] == state.DONE:
+                        printer.event(f"{job.run.run_id}: done")
+                        continue
+                    failures[job.run.run_id] += 1
+                    retry = failures[job.run.run_id] <= options.max_retries
+                    printer.event(
+                        f"{job.run.run_id}: failed ({attempt['error']})"
+                        + (", will retry" if retry else ", no retries left")
+                    )
+                    if retry:
+                        queue.append(job.run)
+                free = sorted(set(range(options.jobs)) - {j.slot for j in active})
+                while queue and free:
+                    active.append(_start(sweep, queue.pop(0), root, slots, free.pop(0)))
+                    printer.event(f"{active[-1].run.run_id}: started attempt {active[-1].attempt}")
+                printer.table(root, record)
+                time.sleep(options.poll_s)
+        finally:
+            for job in active:  # Ctrl-C: stop children; their attempts read as interrupted
+                job.process.terminate()
+        printer.table(root, record, force=True)
+    final = status.sweep_statuses(root, record)
+    return sum(s.status == state.FAILED for s in final)
+
+
+def _start(sweep: Sweep, run: Run, root: Path, slots: list[list[int]], slot: int) -> _Active:
+    workdir = root / run.run_id
+    workdir.mkdir(parents=True, exist_ok=True)
+    cpus = slots[slot]
+    n = state.begin_attempt(workdir, "local", cpus=cpus)
+    logs = open_logs(workdir, n)
+    command = trainer_command(sweep, run, workdir, sys.executable)
+    logs[0].write(json.dumps(command) + "\n")
+    logs[0].flush()
+    started = time.time()
+    process = subprocess.Popen(
+        command,
+        stdout=logs[0],
+        stderr=logs[1],
+        stdin=subprocess.DEVNULL,
+        env=child_env(len(cpus)),
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )
+    state.mark_started(workdir, n, process.pid)
+    return _Active(run, n, process, logs, started, slot)

@@ -1,0 +1,281 @@
+"""Per-run launch state (`<root>/<run_id>/launch.json`) and the status derived from the workdir.
+
+A run's status is read from files only, so `status` works from any process at any time:
+`done` (summary.json exists), `running`/`queued` (an open attempt whose process or Slurm job is
+alive), `failed` (the last attempt ended badly), otherwise `pending` (maybe with a checkpoint to
+resume from). Attempts cut short by a killed launcher count as interrupted, not as failures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import getpass
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+LAUNCH_FILE = "launch.json"
+SUMMARY_FILE = "summary.json"
+FAILED_FILE = "failed.json"
+METRICS_FILE = "metrics.jsonl"
+
+DONE, RUNNING, QUEUED, FAILED, PENDING = "done", "running", "queued", "failed", "pending"
+INTERRUPTED = "interrupted"
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """An flock on `path` (created if missing); yields False if non-blocking and already held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (guards against pid reuse), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def read_json(path: Path) -> Any | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@contextlib.contextmanager
+def edit_launch_state(workdir: Path) -> Iterator[dict[str, Any]]:
+    """Read-modify-write `launch.json` under a lock; the yielded dict is written back atomically."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with file_lock(workdir / f".{LAUNCH_FILE}.lock"):
+        state = read_json(workdir / LAUNCH_FILE) or {"run_id": workdir.name, "attempts": []}
+        yield state
+        write_json_atomic(workdir / LAUNCH_FILE, state)
+
+
+def begin_attempt(workdir: Path, backend: str, **fields: Any) -> int:
+    """Append an open attempt (closing dead open ones as interrupted); returns its 1-based number."""
+    with edit_launch_state(workdir) as state:
+        for attempt in state["attempts"]:
+            if attempt.get("ended") is None:  # its process is gone (checked by the caller)
+                attempt.update(ended=now_iso(), outcome=INTERRUPTED)
+        n = len(state["attempts"]) + 1
+        state["attempts"].append(
+            {"n": n, "backend": backend, "submitted": now_iso(), "started": None, "ended": None}
+            | fields
+        )
+    return n
+
+
+def mark_started(workdir: Path, n: int, pid: int, **fields: Any) -> None:
+    with edit_launch_state(workdir) as state:
+        state["attempts"][n - 1].update(
+            started=now_iso(),
+            host=socket.gethostname(),
+            pid=pid,
+            pid_start=process_start_time(pid),
+            **fields,
+        )
+
+
+def update_attempt(workdir: Path, n: int, **fields: Any) -> None:
+    with edit_launch_state(workdir) as state:
+        state["attempts"][n - 1].update(fields)
+
+
+def finish_attempt(workdir: Path, n: int, exit_code: int, since: float) -> dict[str, Any]:
+    """Close attempt `n` from the trainer's exit code and files; returns the closed attempt."""
+    workdir = Path(workdir)
+    outcome, error = DONE, None
+    if exit_code != 0 or not (workdir / SUMMARY_FILE).exists():
+        outcome = FAILED
+        failed = read_json(workdir / FAILED_FILE)
+        fresh = (workdir / FAILED_FILE).exists() and (
+            workdir / FAILED_FILE
+        ).stat().st_mtime >= since
+        if failed and fresh:
+            error = str(failed.get("error"))
+        elif exit_code == 0:
+            error = "trainer exited 0 without writing summary.json"
+        else:
+            error = f"exit code {exit_code}: {error_line(workdir / 'stderr.log')}"
+    with edit_launch_state(workdir) as state:
+        attempt = state["attempts"][n - 1]
+        attempt.update(ended=now_iso(), exit_code=exit_code, outcome=outcome, error=error)
+    return attempt
+
+
+def error_line(path: Path) -> str:
+    """The most telling line of a stderr tail: the last exception/error line, else the last line."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln and not ln.startswith("=====")]
+    for line in reversed(lines):
+        if re.match(r"^([A-Za-z_.]*(Error|Exception)\b|FATAL|Traceback)", line):
+            return line
+    return lines[-1] if lines else ""
+
+
+def last_metrics(workdir: Path) -> dict[str, Any]:
+    """The last complete JSON line of metrics.jsonl merged with the last line carrying eval/loss."""
+    try:
+        with open(Path(workdir) / METRICS_FILE, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return {}
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # partial first line of the tail, or a line being written
+        if isinstance(record, dict):
+            out.update(record)
+    return out
+
+
+def squeue_alive(job_ids: Iterable[str]) -> set[str] | None:
+    """Slurm job ids (as given) still queued or running; None if squeue is unavailable."""
+    job_ids = sorted({j for j in job_ids if j})
+    if not job_ids or shutil.which("squeue") is None:
+        return None if job_ids else set()
+    try:
+        # -r: one line per array task, so pending tasks read `123_4` rather than `123_[4-9]`.
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i", "-u", getpass.getuser()],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    listed = set(out.stdout.split())
+    return {j for j in job_ids if j in listed}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStatus:
+    """What the files say about one run."""
+
+    run_id: str
+    status: str
+    attempts: int
+    failures: int
+    step: int | None
+    loss: float | None
+    tokens_per_s: float | None
+    error: str | None
+    open_attempt: dict[str, Any] | None
+    active: bool  # a live process or Slurm job still holds the run (maybe finishing up after done)
+
+
+def _attempt_alive(attempt: dict[str, Any], slurm_alive: set[str] | None) -> bool:
+    if attempt.get("backend") == "slurm":
+        job = attempt.get("slurm_job_id")
+        if job is None:
+            return False
+        return True if slurm_alive is None else str(job) in slurm_alive
+    pid = attempt.get("pid")
+    if pid is None or attempt.get("host") != socket.gethostname():
+        return attempt.get("host") not in (None, socket.gethostname())  # another host: trust it
+    return process_start_time(pid) == attempt.get("pid_start")
+
+
+def run_status(workdir: Path, slurm_alive: set[str] | None = None) -> RunStatus:
+    """Status of the run in `workdir`; `slurm_alive` is the set from `squeue_alive` (None: unknown)."""
+    workdir = Path(workdir)
+    state = read_json(workdir / LAUNCH_FILE) or {"attempts": []}
+    attempts = state["attempts"]
+    failures = sum(a.get("outcome") == FAILED for a in attempts)
+    metrics = last_metrics(workdir)
+    last = attempts[-1] if attempts else None
+    open_attempt = last if last is not None and last.get("ended") is None else None
+    error = None
+    active = open_attempt is not None and _attempt_alive(open_attempt, slurm_alive)
+    if (workdir / SUMMARY_FILE).exists():
+        status = DONE
+    elif active:
+        status = RUNNING if open_attempt.get("started") else QUEUED
+    elif last is not None and last.get("outcome") == FAILED:
+        status, error = FAILED, last.get("error")
+    elif open_attempt is not None and open_attempt.get("backend") == "slurm":
+        # A Slurm job that vanished without closing its attempt was killed (timeout, memory, node).
+        status = FAILED
+        error = f"Slurm job {open_attempt.get('slurm_job_id')} ended without reporting; see its log"
+    else:
+        status = PENDING
+        open_attempt = None
+    if status == FAILED and last.get("outcome") != FAILED:
+        failures += 1
+    loss = metrics.get("train/loss")
+    return RunStatus(
+        run_id=workdir.name,
+        status=status,
+        attempts=len(attempts),
+        failures=failures,
+        step=metrics.get("step"),
+        loss=float(loss) if loss is not None else None,
+        tokens_per_s=metrics.get("perf/tokens_per_s"),
+        error=error,
+        open_attempt=open_attempt,
+        active=active,
+    )
+
+
+def slurm_job_ids(workdirs: Iterable[Path]) -> list[str]:
+    """Slurm job ids of open attempts in these workdirs (for one batched squeue call)."""
+    ids = []
+    for workdir in workdirs:
+        state = read_json(Path(workdir) / LAUNCH_FILE) or {"attempts": []}
+        if state["attempts"] and state["attempts"][-1].get("ended") is None:
+            job = state["attempts"][-1].get("slurm_job_id")
+            if job is not None:
+                ids.append(str(job))
+    return ids

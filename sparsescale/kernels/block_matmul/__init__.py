@@ -1,0 +1,1 @@
+"""Block-sparse × dense matmul (Pallas, scalar-prefetched block indices)."""

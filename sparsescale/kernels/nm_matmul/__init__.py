@@ -1,0 +1,1 @@
+"""N:M sparse × dense matmul (Pallas)."""

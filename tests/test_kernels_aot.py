@@ -1,0 +1,163 @@
+"""Deviceless AOT compilation of the kernels for TPU v5e / v6e (libtpu) and H100 (CUDA plugin),
+forward and backward, with the tiles the ops pick automatically; and `check_config` against the
+real compilers: configurations it accepts compile, configurations it rejects fail to compile.
+
+CI installs: pip install "jax[tpu]==0.10.2" jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
+"""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from sparsescale.kernels import (
+    BlockPacked,
+    BlockTiles,
+    NMPacked,
+    NMTiles,
+    aot,
+    block_matmul,
+    check_config,
+    nm_matmul,
+)
+from sparsescale.kernels.formats import nm_layout
+from sparsescale.kernels.tiles import pick_block_tiles, pick_nm_tiles
+
+H100_CONFIG = Path(__file__).resolve().parents[2] / "shared/kernels/h100_target_config.txtpb"
+S = jax.ShapeDtypeStruct
+
+
+def require(target):
+    if target == "h100" and not H100_CONFIG.exists():
+        pytest.skip(f"H100 target config not found at {H100_CONFIG}")
+    reason = aot.target_available(target)
+    if reason:
+        pytest.skip(reason + " (install jax[tpu] / jax-cuda12-plugin, see module docstring)")
+
+
+def compile_program(target, program):
+    fn, avals = program
+    return aot.compile_for(target, fn, *avals)
+
+
+def nm_program(target, n, m, k, cols, rows, dtype, tiles, grads):
+    backend = aot.TARGETS[target][2]
+    _, per_byte, _ = nm_layout(n, m)
+
+    def f(x, values, codes):
+        op = lambda x, v: nm_matmul(
+            x, NMPacked(v, codes, n, m), tiles=tiles, interpret=False, backend=backend
+        )
+        if not grads:
+            return op(x, values)
+        y, vjp = jax.vjp(op, x, values)
+        return y, vjp(y)
+
+    avals = [
+        S((rows, k), dtype),
+        S((k * n // m, cols), dtype),
+        S((k * n // m // per_byte, cols), jnp.uint8),
+    ]
+    return f, avals
+
+
+def block_program(target, k, cols, rows, dtype, block, tiles, grads, density=0.25):
+    backend = aot.TARGETS[target][2]
+    bh, bw = block
+    kb, nb = k // bh, cols // bw
+    budget, budget_t = max(1, int(kb * density)), max(1, int(nb * density))
+
+    def f(x, values, rows_, counts, rows_t, slots_t, counts_t):
+        def op(x, v):
+            packed = BlockPacked(v, rows_, counts, rows_t, slots_t, counts_t, (k, cols), block)
+            return block_matmul(x, packed, tiles=tiles, interpret=False, backend=backend)
+
+        if not grads:
+            return op(x, values)
+        y, vjp = jax.vjp(op, x, values)
+        return y, vjp(y)
+
+    i32 = jnp.int32
+    avals = [
+        S((rows, k), dtype),
+        S((nb, budget, bh, bw), dtype),
+        S((nb, budget), i32),
+        S((nb,), i32),
+        S((kb, budget_t), i32),
+        S((kb, budget_t), i32),
+        S((kb,), i32),
+    ]
+    return f, avals
+
+
+# (target, n, m, K, N, M, dtype, grads): training (M=256, fwd+bwd) and decode (M=16, fwd).
+NM_AOT = [
+    ("tpu_v5e", 2, 4, 2048, 512, 256, jnp.bfloat16, True),
+    ("tpu_v5e", 2, 4, 2048, 512, 16, jnp.bfloat16, False),
+    ("tpu_v5e", 1, 4, 2048, 256, 256, jnp.float32, True),
+    ("tpu_v5e", 2, 8, 2048, 256, 16, jnp.bfloat16, False),
+    ("tpu_v6e", 2, 4, 2048, 512, 256, jnp.bfloat16, True),
+    ("h100", 2, 4, 2048, 512, 256, jnp.bfloat16, True),
+    ("h100", 2, 8, 1024, 256, 16, jnp.float32, False),
+]
+
+
+@pytest.mark.parametrize("target,n,m,k,cols,rows,dtype,grads", NM_AOT)
+def test_nm_kernels_compile(target, n, m, k, cols, rows, dtype, grads):
+    require(target)
+    backend = aot.TARGETS[target][2]
+    tiles = pick_nm_tiles((k, cols), rows, dtype, backend, False, n, m)
+    check_config("nm", (k, cols), dtype, tiles, backend, n=n, m=m)
+    compile_program(target, nm_program(target, n, m, k, cols, rows, dtype, tiles, grads))
+
+
+# (target, K, N, M, dtype, block, grads)
+BLOCK_AOT = [
+    ("tpu_v5e", 1024, 1024, 256, jnp.bfloat16, (128, 128), True),
+    ("tpu_v5e", 1024, 512, 16, jnp.float32, (256, 128), False),
+    ("tpu_v6e", 1024, 1024, 256, jnp.bfloat16, (128, 256), True),
+    ("h100", 1024, 1024, 256, jnp.bfloat16, (64, 64), True),
+    ("h100", 1024, 512, 16, jnp.float32, (32, 32), False),
+]
+
+
+@pytest.mark.parametrize("target,k,cols,rows,dtype,block,grads", BLOCK_AOT)
+def test_block_kernels_compile(target, k, cols, rows, dtype, block, grads):
+    require(target)
+    backend = aot.TARGETS[target][2]
+    tiles = pick_block_tiles((k, cols), rows, dtype, backend, False, block)
+    check_config("block", (k, cols), dtype, tiles, backend, block=block)
+    compile_program(target, block_program(target, k, cols, rows, dtype, block, tiles, grads))
+
+
+def test_rejected_tpu_configs_really_fail_to_compile():
+    """The lane rule check_config enforces is the compiler's: tn=64 and 64-wide blocks fail."""
+    require("tpu_v5e")
+    nm_tiles = NMTiles(tm=128, tn=64, tk=1024)
+    with pytest.raises(ValueError, match="tn=64 must be a multiple of 128"):
+        check_config("nm", (1024, 512), jnp.bfloat16, nm_tiles, "tpu", n=2, m=4)
+    with pytest.raises(ValueError, match="divisible by 8 and 128"):
+        compile_program(
+            "tpu_v5e",
+            nm_program("tpu_v5e", 2, 4, 1024, 512, 128, jnp.bfloat16, nm_tiles, False),
+        )
+    with pytest.raises(ValueError, match="multiples of 128 on TPU"):
+        check_config("block", (512, 512), jnp.bfloat16, BlockTiles(128), "tpu", block=(64, 64))
+    with pytest.raises(ValueError, match="divisible by 8 and 128"):
+        compile_program(
+            "tpu_v5e",
+            block_program("tpu_v5e", 512, 512, 128, jnp.bfloat16, (64, 64), BlockTiles(128), False),
+        )
+
+
+def test_rejected_h100_config_really_fails_to_compile():
+    """Shared-memory overflow: check_config rejects what Triton would refuse to compile."""
+    require("h100")
+    tiles = NMTiles(tm=128, tn=128, tk=512)
+    with pytest.raises(ValueError, match="shared memory"):
+        check_config("nm", (1024, 1024), jnp.bfloat16, tiles, "gpu", n=2, m=4)
+    with pytest.raises(Exception, match="(?i)shared memory"):
+        compile_program(
+            "h100", nm_program("h100", 2, 4, 1024, 1024, 256, jnp.bfloat16, tiles, False)
+        )

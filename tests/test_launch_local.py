@@ -1,0 +1,172 @@
+"""Local backend end to end with the real trainer (`sparsescale.main`, smoke preset, a few steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from launch import state
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENT = """
+import ml_collections
+from experiments import common
+
+def get_config(arg):
+    c = common.smoke(common.base_config())
+    c.experiment = "launchtest"
+    c.sparsity.structure = "unstructured"
+    c.sparsity.sparsity = 0.5
+    c.train.steps = {steps}
+    c.train.log_every = {every}
+    c.train.ckpt_every = {every}
+    c.launch = ml_collections.ConfigDict(
+        dict(cpus_per_task=1, mem_gb=2.0, timeout_min=10, tasks=1))
+    return c
+
+def get_sweep(arg):
+    return {sweep!r}
+"""
+
+
+def write_experiment(tmp_path: Path, sweep: list[dict], steps: int = 6, every: int = 3) -> Path:
+    path = tmp_path / "launchtest.py"
+    path.write_text(EXPERIMENT.format(sweep=sweep, steps=steps, every=every))
+    return path
+
+
+def launcher_env() -> dict[str, str]:
+    """The test session's env without its 4 fake devices (runs use one CPU device each)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+
+def launch(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launch", *args],
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+
+
+def attempts(root: Path, run_id: str) -> list[dict]:
+    return state.read_json(root / run_id / "launch.json")["attempts"]
+
+
+def metric_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_sweep_survives_kill_reports_failure_and_collects(tmp_path):
+    """4 runs, 2 at a time: two short ones, one diverging (NaN), one long one that is killed."""
+    sweep = [
+        {"sparsity.sparsity": 0.5},
+        {"sparsity.sparsity": 0.75},
+        {"sparsity.sparsity": 0.5, "train.lr": 1e9},  # diverges: NaN loss
+        {"sparsity.sparsity": 0.5, "train.steps": 100},
+    ]
+    exp, root = write_experiment(tmp_path, sweep, steps=10, every=10), tmp_path / "root"
+    ok, nan, long = (
+        ["sparsity-0.5", "sparsity-0.75"],
+        "sparsity-0.5_lr-1e+09",
+        "sparsity-0.5_steps-100",
+    )
+    args = ["run", f"{exp}:smoke", "--root", str(root), "--jobs", "2", "--max-retries", "1"]
+
+    # 1. launch in its own process group; SIGKILL launcher and trainers once the long run has two
+    #    committed checkpoints (the short runs are done by then)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch", *args],
+        env=launcher_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    ckpts = root / long / "checkpoints"
+    try:
+        _wait_for(
+            lambda: len([p for p in ckpts.glob("*") if (p / "commit_success.txt").exists()]) >= 2,
+            400,
+            "two checkpoints of the long run",
+        )
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (root / long / "summary.json").exists()
+    assert attempts(root, long)[-1]["ended"] is None  # killed: nobody closed the attempt
+    assert "pending" in launch("status", str(root)).stdout  # the dead attempt reads as pending
+    finished = {r: (root / r / "summary.json").read_bytes() for r in ok}
+    mtimes = {r: (root / r / "summary.json").stat().st_mtime_ns for r in ok}
+    before = metric_lines(root / long / "metrics.jsonl")
+
+    # 2. relaunch: completes; the diverging run fails twice (1 retry) with the trainer's error
+    done = launch(*args)
+    assert done.returncode == 1, done.stderr  # one run failed
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted([*ok, nan, long])
+    for run_id, sparsity in zip(ok, (0.5, 0.75), strict=True):  # not re-run, files untouched
+        assert (root / run_id / "summary.json").read_bytes() == finished[run_id]
+        assert (root / run_id / "summary.json").stat().st_mtime_ns == mtimes[run_id]
+        assert [a["outcome"] for a in attempts(root, run_id)] == ["done"]
+        summary = state.read_json(root / run_id / "summary.json")
+        assert summary["run_id"] == run_id and summary["experiment"] == "launchtest"
+        assert summary["sparsity"] == sparsity and summary["steps"] == 10
+    failed = [a for a in attempts(root, nan) if a["outcome"] != "interrupted"]
+    assert [a["outcome"] for a in failed] == ["failed", "failed"]
+    assert "non-finite" in failed[-1]["error"] and failed[-1]["exit_code"] == 1
+    assert not (root / nan / "summary.json").exists()
+
+    # the killed run resumed from its checkpoint: metrics up to the restored step kept byte for
+    # byte, no step logged twice, both attempts' logs kept
+    assert [a["outcome"] for a in attempts(root, long)] == ["interrupted", "done"]
+    resumed = re.search(r"Resumed from step (\d+)", (root / long / "stderr.log").read_text())
+    assert resumed and int(resumed[1]) >= 20
+    after = metric_lines(root / long / "metrics.jsonl")
+    steps = [m["step"] for m in after]
+    assert steps == sorted(set(steps)) and steps[-1] == 100
+    kept = [m for m in before if m["step"] <= int(resumed[1])]
+    assert len(kept) >= 2 and after[: len(kept)] == kept
+    assert (root / long / "stdout.log").read_text().count("===== attempt") == 2
+
+    table = launch("status", str(root)).stdout
+    assert "done 3" in table and "failed 1" in table and "non-finite" in table
+
+    # 3. collect: one row per finished run holding what the run wrote
+    assert launch("collect", str(root)).returncode == 0
+    csv = pd.read_csv(root / "results.csv")
+    parquet = pd.read_parquet(root / "results.parquet")
+    assert sorted(csv["run_id"]) == sorted([*ok, long]) == sorted(parquet["run_id"])
+    assert list(csv.columns[:3]) == ["run_id", "experiment", "model"]
+    by_id = csv.set_index("run_id")
+    for run_id in [*ok, long]:
+        summary = state.read_json(root / run_id / "summary.json")
+        assert by_id.loc[run_id, "eval_loss"] == pytest.approx(summary["eval_loss"])
+        assert by_id.loc[run_id, "n_params_nonzero"] == summary["n_params_nonzero"]
+    assert (csv["status"] == "done").all()
+    pd.testing.assert_frame_equal(
+        csv[["run_id", "sparsity", "eval_loss"]], parquet[["run_id", "sparsity", "eval_loss"]]
+    )
+
+    # 4. relaunching a settled sweep changes nothing
+    assert launch(*args).returncode == 1
+    assert len(attempts(root, ok[0])) == 1 and len(failed) == 2
+    assert len([a for a in attempts(root, nan) if a["outcome"] != "interrupted"]) == 2

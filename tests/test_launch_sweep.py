@@ -1,0 +1,285 @@
+"""Sweep expansion, run ids, matched schedules, run state, status table, collect, dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+
+from launch import collect, cost, state, status, sweep
+from launch.sweep import SweepError
+
+EXPERIMENT = """
+import ml_collections
+from experiments import common
+from launch.sweep import product
+
+SCHEDULE_AXES = {axes!r}
+
+def get_config(arg):
+    c = common.smoke(common.base_config())
+    c.experiment = "unit"
+    c.sparsity.structure = "unstructured"
+    return c
+
+def get_sweep(arg):
+    return {sweep}
+"""
+
+
+def write_experiment(tmp_path, sweep_expr: str, axes: tuple = ()) -> str:
+    path = tmp_path / "unit_exp.py"
+    path.write_text(EXPERIMENT.format(sweep=sweep_expr, axes=axes))
+    return f"{path}:smoke"
+
+
+def test_product_order_and_count():
+    runs = sweep.product({"model.name": ["s", "m"], "sparsity.sparsity": [0.0, 0.5, 0.75]})
+    assert len(runs) == 6
+    assert runs[0] == {"model.name": "s", "sparsity.sparsity": 0.0}
+    assert runs[2] == {"model.name": "s", "sparsity.sparsity": 0.75}
+    assert runs[3] == {"model.name": "m", "sparsity.sparsity": 0.0}
+    with pytest.raises(SweepError, match="sparsity.sparsity"):
+        sweep.product({"sparsity.sparsity": 0.5})
+    both = sweep.chain(runs[:1], [{"sparsity.sparsity": 0.9}], train__seed=3)
+    assert both == [
+        {"model.name": "s", "sparsity.sparsity": 0.0, "train.seed": 3},
+        {"sparsity.sparsity": 0.9, "train.seed": 3},
+    ]
+
+
+def test_run_ids_are_readable_and_stable():
+    overrides = {"model.name": "s", "sparsity.sparsity": 0.5, "sparsity.structure": "nm"}
+    assert sweep.make_run_id(overrides) == "name-s_sparsity-0.5_structure-nm"
+    assert sweep.make_run_id({"train.lr": 1e9, "train.seed": 0}) == "lr-1e+09_seed-0"
+    assert sweep.make_run_id({"train.lr": 3e-3}) == "lr-0.003"
+    # keys sharing a last component keep enough of their path to be told apart
+    two_starts = {"sparsity.schedule.start": 0.1, "data.start": 2}
+    assert sweep.make_run_id(two_starts) == "schedule.start-0.1_data.start-2"
+    assert sweep.make_run_id({"sparsity.block": (16, 16)}) == "block-16x16"
+    assert sweep.make_run_id({}) == "base"
+    assert sweep.make_run_id({"data.name": "a b/c"}) == "name-a-b-c"
+    long = {f"k{i}": "v" * 20 for i in range(8)}
+    assert len(sweep.make_run_id(long)) == sweep.MAX_RUN_ID_LEN
+    assert sweep.make_run_id(long).endswith(sweep.overrides_hash(long))
+
+
+def test_expand_applies_overrides_and_validates(tmp_path):
+    spec = write_experiment(
+        tmp_path,
+        'product({"model.d_model": [16, 32], "sparsity.sparsity": [0.5, 0.75]}) '
+        '+ [{"sparsity.sparsity": 0.0, "sparsity.structure": "dense"}]',
+    )
+    expanded = sweep.expand(spec)
+    assert expanded.experiment == "unit" and expanded.arg == "smoke"
+    ids = [r.run_id for r in expanded.runs]
+    assert ids[:2] == ["d_model-16_sparsity-0.5", "d_model-16_sparsity-0.75"]
+    assert len(set(ids)) == 5
+    config = expanded.configs[1]
+    assert config.model.d_model == 16 and config.sparsity.sparsity == 0.75
+    assert expanded.runs[1].steps == 10 and expanded.runs[1].tokens_per_step == 8 * 32
+    assert expanded.runs[0].resources == sweep.Resources()  # no config.launch: defaults
+
+    with pytest.raises(SweepError, match=r"unknown field 'sparsty'"):
+        sweep.expand(write_experiment(tmp_path, '[{"sparsity.sparsty": 0.5}]'))
+    with pytest.raises(SweepError, match=r"no section 'modle'"):
+        sweep.expand(write_experiment(tmp_path, '[{"modle.name": "x"}]'))
+    with pytest.raises(SweepError, match="identical overrides"):
+        sweep.expand(write_experiment(tmp_path, '[{"train.seed": 1}, {"train.seed": 1}]'))
+    with pytest.raises(SweepError, match=r"run #0 .*diagonal"):  # the trainer's own validation
+        sweep.expand(write_experiment(tmp_path, '[{"sparsity.structure": "diagonal"}]'))
+    with pytest.raises(SweepError, match=r"run #0 .*train.steps must be"):
+        sweep.expand(write_experiment(tmp_path, '[{"train.steps": 0}]'))
+    with pytest.raises(SweepError, match="expected an existing"):
+        sweep.expand(str(tmp_path / "missing.py:smoke"))
+
+
+def test_unmatched_schedules_refused_unless_declared(tmp_path):
+    varying = (
+        '[{"sparsity.sparsity": 0.5}, {"sparsity.sparsity": 0.5, "sparsity.schedule.end": 0.5}]'
+    )
+    with pytest.raises(SweepError, match=r"sparsity.schedule.end is 0.75 .* but 0.5") as e:
+        sweep.expand(write_experiment(tmp_path, varying))
+    assert "SCHEDULE_AXES" in str(e.value)
+    declared = sweep.expand(write_experiment(tmp_path, varying, axes=("sparsity.schedule.end",)))
+    assert [c.sparsity.schedule.end for c in declared.configs] == [0.75, 0.5]
+    # a declared axis does not excuse another one
+    other = varying.replace("schedule.end", "schedule.every")
+    with pytest.raises(SweepError, match="schedule.every"):
+        sweep.expand(write_experiment(tmp_path, other, axes=("sparsity.schedule.end",)))
+    # dense runs have no schedule to match; token budgets (steps) may differ freely
+    dense = (
+        '[{"sparsity.sparsity": 0.5, "train.steps": 20},'
+        ' {"sparsity.sparsity": 0.0, "sparsity.schedule.kind": "constant"}]'
+    )
+    assert len(sweep.expand(write_experiment(tmp_path, dense)).runs) == 2
+
+
+def test_sweep_json_keeps_earlier_runs_and_refuses_changed_overrides(tmp_path):
+    root = tmp_path / "root"
+    first = sweep.expand(write_experiment(tmp_path, '[{"train.seed": 0}, {"train.seed": 1}]'))
+    sweep.save_sweep(root, first)
+    grown = sweep.expand(write_experiment(tmp_path, '[{"train.seed": 2}]'))
+    record = sweep.save_sweep(root, grown)
+    assert [r["run_id"] for r in record["runs"]] == ["seed-2", "seed-0", "seed-1"]
+    assert json.loads((root / "sweep.json").read_text())["runs"] == record["runs"]
+    other_path = tmp_path / "other"
+    other_path.mkdir()
+    other = sweep.expand(write_experiment(other_path, '[{"train.seed": 0}]'))
+    other = sweep.Sweep("another", other.experiment_file, "smoke", (), other.runs, other.configs)
+    with pytest.raises(SweepError, match="holds sweep unit:smoke"):
+        sweep.save_sweep(root, other)
+
+
+def test_trainer_command_round_trips_through_config_flags(tmp_path):
+    """The command's flags, parsed by ml_collections like the trainer does, give the run's config."""
+    spec = write_experiment(
+        tmp_path,
+        '[{"sparsity.sparsity": 0.75, "sparsity.block": (8, 8), "model.tie_embeddings": True,'
+        ' "sparsity.structure": "block", "train.lr": 1e-4}]',
+    )
+    expanded = sweep.expand(spec)
+    run = expanded.runs[0]
+    command = sweep.trainer_command(expanded, run, tmp_path / run.run_id, sys.executable)
+    probe = textwrap.dedent(
+        """
+        import json, sys
+        from absl import flags
+        from ml_collections import config_flags
+        cfg = config_flags.DEFINE_config_file("config")
+        flags.DEFINE_string("workdir", None, "")
+        flags.FLAGS(sys.argv)
+        print(json.dumps(cfg.value.to_dict()))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, *command[3:]],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    parsed = json.loads(out.stdout)
+    expected = json.loads(json.dumps(expanded.configs[0].to_dict()))  # tuples -> lists
+    expected.update(run_id=run.run_id, experiment="unit")
+    assert parsed == expected
+
+
+def _attempt(**fields):
+    return {"n": 1, "backend": "local", "submitted": "t", "started": "t", "ended": None} | fields
+
+
+def test_run_status_from_files(tmp_path):
+    def status_of(attempts, files=(), slurm_alive=frozenset()):
+        workdir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        workdir.mkdir()
+        state.write_json_atomic(workdir / "launch.json", {"attempts": attempts})
+        for name, content in files:
+            (workdir / name).write_text(content)
+        return state.run_status(workdir, slurm_alive=set(slurm_alive))
+
+    host = os.uname().nodename
+    me = _attempt(host=host, pid=os.getpid(), pid_start=state.process_start_time(os.getpid()))
+    assert status_of([me]).status == state.RUNNING
+    # a recycled pid (different start time) or a dead one is not our trainer: interrupted -> pending
+    assert status_of([me | {"pid_start": -1}]).status == state.PENDING
+    dead = _attempt(host=host, pid=2**22 + 7, pid_start=1)
+    assert status_of([dead]).status == state.PENDING
+    failed = _attempt(ended="t", outcome="failed", error="boom")
+    s = status_of([failed, failed | {"n": 2}])
+    assert (s.status, s.failures, s.attempts, s.error) == (state.FAILED, 2, 2, "boom")
+    metrics = (
+        '{"step": 5, "train/loss": 3.5}\n{"step": 10, "train/loss": 2.5, "eval/loss": 2.6}\n{"st'
+    )
+    s = status_of([failed], files=[("summary.json", "{}"), ("metrics.jsonl", metrics)])
+    assert (s.status, s.step, s.loss) == (state.DONE, 10, 2.5)
+    # a Slurm job gone from the queue without closing its attempt was killed: a failure
+    gone = _attempt(backend="slurm", slurm_job_id="12_3")
+    s = status_of([gone])
+    assert (s.status, s.failures) == (state.FAILED, 1) and "12_3" in s.error
+    assert status_of([gone], slurm_alive={"12_3"}).status == state.RUNNING
+    assert status_of([gone | {"started": None}], slurm_alive={"12_3"}).status == state.QUEUED
+
+
+def test_finish_attempt_reads_trainer_failure(tmp_path):
+    n = state.begin_attempt(tmp_path, "local")
+    (tmp_path / "failed.json").write_text('{"error": "non-finite loss nan at step 3", "step": 0}')
+    closed = state.finish_attempt(tmp_path, n, 1, since=0.0)
+    assert closed["outcome"] == "failed" and closed["error"] == "non-finite loss nan at step 3"
+    (tmp_path / "stderr.log").write_text(
+        "noise\nTraceback (most recent call last):\nValueError: bad\n"
+    )
+    n = state.begin_attempt(tmp_path, "local")
+    closed = state.finish_attempt(tmp_path, n, 3, since=1e12)  # failed.json is older: not this one
+    assert closed["error"] == "exit code 3: ValueError: bad"
+    n = state.begin_attempt(tmp_path, "local")
+    assert state.finish_attempt(tmp_path, n, 0, since=1e12)["error"].startswith("trainer exited 0")
+
+
+def _fake_sweep_root(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    runs = [
+        {"run_id": f"r{i}", "overrides": {}, "steps": 100, "tokens_per_step": 50} for i in range(3)
+    ]
+    state.write_json_atomic(root / "sweep.json", {"experiment": "e", "arg": "a", "runs": runs})
+    for i, loss in enumerate([2.0, 3.0]):
+        (root / f"r{i}").mkdir(parents=True, exist_ok=True)
+        summary = {"run_id": f"r{i}", "experiment": "e", "eval_loss": loss, "sparsity": 0.5 * i}
+        summary["my_extra"] = i
+        state.write_json_atomic(root / f"r{i}" / "summary.json", summary)
+    (root / "r2").mkdir()
+    me = _attempt(host=os.uname().nodename, pid=os.getpid())
+    me["pid_start"] = state.process_start_time(os.getpid())
+    state.write_json_atomic(root / "r2" / "launch.json", {"attempts": [me]})
+    line = {"step": 40, "train/loss": 4.25, "perf/tokens_per_s": 100.0}
+    (root / "r2" / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    return root
+
+
+def test_status_table_and_eta(tmp_path):
+    root = _fake_sweep_root(tmp_path)
+    text = status.status_text(root)
+    lines = text.splitlines()
+    assert lines[0].split() == ["run", "status", "step", "loss", "try", "eta", "error"]
+    # r2: 60 steps left × 50 tokens / 100 tokens/s = 30 s
+    assert lines[3].split() == ["r2", "running", "40/100", "4.25", "1", "0m30s"]
+    assert lines[-1] == "e:a  done 2  running 1  queued 0  failed 0  pending 0  (of 3)"
+
+
+def test_collect_writes_finished_runs(tmp_path):
+    root = _fake_sweep_root(tmp_path)
+    frame = collect.collect(root)
+    csv = pd.read_csv(root / "results.csv")
+    parquet = pd.read_parquet(root / "results.parquet")
+    assert list(csv.columns) == [*collect.COLUMNS, "my_extra"]
+    assert csv["run_id"].tolist() == ["r0", "r1"] == parquet["run_id"].tolist()
+    assert csv["eval_loss"].tolist() == [2.0, 3.0] and csv["sparsity"].tolist() == [0.0, 0.5]
+    assert (csv["status"] == "done").all() and len(frame) == 2
+    everything = collect.collect(root, include_unfinished=True)
+    assert everything["status"].tolist() == ["done", "done", "running"]
+    assert not list(root.glob(".*.tmp"))
+
+
+def test_dry_run_table_uses_estimate_and_calibration(tmp_path):
+    spec = write_experiment(tmp_path, 'product({"sparsity.sparsity": [0.5, 0.75]})')
+    expanded = sweep.expand(spec)
+    root = tmp_path / "root"
+    root.mkdir()
+    from sparsescale.train import estimate_cost
+
+    costs = [estimate_cost(c) for c in expanded.configs]
+    assert costs[1]["n_params_nonzero"] < costs[0]["n_params_nonzero"]
+    text = cost.dry_run_table(expanded, root)
+    assert "no calibration for ['cpu_25k']" in text and not (root / "sweep.json").exists()
+    flops_per_s = costs[0]["train_flops"] / 10.0  # the first run would take 10 s
+    state.write_json_atomic(root / "calibration.json", {"cpu_25k": {"flops_per_s": flops_per_s}})
+    lines = cost.dry_run_table(expanded, root).splitlines()
+    assert lines[1].split()[0] == "sparsity-0.5" and lines[1].split()[-1] == "10s"
+    expected_s = costs[1]["train_flops"] / flops_per_s
+    assert lines[2].split()[-1] == f"{expected_s:.0f}s"
