@@ -17,6 +17,7 @@ import numpy as np
 import sparsescale  # noqa: F401
 from benchmarks import common
 from experiments import common as exp_common
+from launch.sweep import apply_overrides
 from sparsescale import config as config_lib
 from sparsescale import train
 
@@ -35,13 +36,7 @@ def make_config(preset: str, overrides: dict, steps: int = 1000):
     c = exp_common.base_config()
     c.model.name = preset
     c.train.steps = steps
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config_lib.run_config(c)
+    return config_lib.run_config(apply_overrides(c, overrides, "benchmark"))
 
 
 def step_times(cfg, num_steps: int, start_step: int = 0) -> np.ndarray:

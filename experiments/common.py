@@ -107,6 +107,23 @@ def steps_for_budget(
     return max(min_steps, round(tokens_per_param * params / (batch_size * seq_len)))
 
 
+def experiment_config(experiment: str, presets: dict, arg: str) -> ml_collections.ConfigDict:
+    """Base config for one preset of an experiment: smoke settings first (for "smoke"), then the
+    preset's batch_size, seq_len and, when given, steps and schedule update interval."""
+    p = preset_of(presets, arg, experiment)
+    c = base_config()
+    c.experiment = experiment
+    if arg == "smoke":
+        c = smoke(c)
+    c.data.batch_size = p["batch_size"]
+    c.data.seq_len = c.model.max_len = p["seq_len"]
+    if "steps" in p:
+        c.train.steps = p["steps"]
+    if "every" in p:
+        c.sparsity.schedule.every = p["every"]
+    return c
+
+
 def preset_of(presets: dict, arg: str, experiment: str) -> dict:
     if arg not in presets:
         raise ValueError(f"{experiment}: unknown preset {arg!r}; choose one of {sorted(presets)}.")

@@ -64,15 +64,8 @@ PRESETS = {
 
 
 def get_config(arg: str = "quick"):
-    p = common.preset_of(PRESETS, arg, __name__)
-    c = common.base_config()
-    c.experiment = "fig1_size"
-    c.data.batch_size = p["batch_size"]
-    c.data.seq_len = c.model.max_len = p["seq_len"]
+    c = common.experiment_config("fig1_size", PRESETS, arg)
     c.sparsity.structure = "unstructured"
-    c.sparsity.schedule.every = p.get("every", 10)
-    if arg == "smoke":
-        c = common.smoke(c)
     return c
 
 

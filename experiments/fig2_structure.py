@@ -47,14 +47,7 @@ VARIANTS = (
 
 
 def get_config(arg: str = "quick"):
-    p = common.preset_of(PRESETS, arg, __name__)
-    c = common.base_config()
-    c.experiment = "fig2_structure"
-    c = common.smoke(c) if arg == "smoke" else c
-    c.data.batch_size = p["batch_size"]
-    c.data.seq_len = c.model.max_len = p["seq_len"]
-    c.train.steps = p["steps"]
-    return c
+    return common.experiment_config("fig2_structure", PRESETS, arg)
 
 
 def get_sweep(arg: str = "quick"):

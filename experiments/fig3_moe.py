@@ -42,13 +42,7 @@ PRESETS = {
 
 
 def get_config(arg: str = "quick"):
-    p = common.preset_of(PRESETS, arg, __name__)
-    c = common.base_config()
-    c.experiment = "fig3_moe"
-    c = common.smoke(c) if arg == "smoke" else c
-    c.data.batch_size = p["batch_size"]
-    c.data.seq_len = c.model.max_len = p["seq_len"]
-    c.train.steps = p["steps"]
+    c = common.experiment_config("fig3_moe", PRESETS, arg)
     c.model.moe.every = 1
     return c
 

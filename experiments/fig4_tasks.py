@@ -52,13 +52,7 @@ PRESETS = {
 
 
 def get_config(arg: str = "quick"):
-    p = common.preset_of(PRESETS, arg, __name__)
-    c = common.base_config()
-    c.experiment = "fig4_tasks"
-    c = common.smoke(c) if arg == "smoke" else c
-    c.data.batch_size = p["batch_size"]
-    c.data.seq_len = c.model.max_len = p["seq_len"]
-    return c
+    return common.experiment_config("fig4_tasks", PRESETS, arg)
 
 
 def get_sweep(arg: str = "quick"):

@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from experiments import common
+from launch.sweep import apply_overrides
 from sparsescale import config as config_lib
 from sparsescale import data as data_lib
 from sparsescale import model as model_lib
@@ -32,13 +33,7 @@ def smoke_config(**overrides):
     c.sparsity.sparsity = 0.5
     c.sparsity.schedule.start = 0.1
     c.sparsity.schedule.end = 0.6
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return apply_overrides(c, overrides, "test")
 
 
 def _losses(cfg, devices, steps):
@@ -57,9 +52,8 @@ def test_sharded_equals_single_device():
     ref, ref_sparsity = _losses(config_lib.run_config(base), jax.devices()[:1], 10)
     assert ref_sparsity == pytest.approx(0.5)
     for mesh in (dict(data=4), dict(data=2, tensor=2), dict(data=1, tensor=4), dict(fsdp=4)):
-        c = smoke_config(**{"train.steps": 10, **{f"mesh.{k}": 1 for k in ("data", "fsdp")}})
-        for k, v in mesh.items():
-            c.mesh[k] = v
+        mesh_overrides = {f"mesh.{k}": mesh.get(k, 1) for k in ("data", "fsdp", "tensor")}
+        c = smoke_config(**{"train.steps": 10, **mesh_overrides})
         got, sparsity = _losses(config_lib.run_config(c), jax.devices()[:4], 10)
         np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=str(mesh))
         assert sparsity == ref_sparsity
