@@ -3,7 +3,7 @@
 Command:  python -m experiments.reproduce fig1_size --preset quick
 Runtime:  smoke ≈ 2 min; quick ≈ 40 min on 2 CPU cores (65 runs); medium ≈ 10 h (background);
           full: accelerators.
-Design:   5 sizes spanning 43× in non-embedding parameters (quick: 14K–590K) × sparsity
+Design:   5 sizes spanning ≥ 30× in non-embedding parameters (quick: 6K–330K, 54×) × sparsity
           {0, 50, 75, 87.5, 93.75}% unstructured, gradual magnitude pruning under one matched
           schedule (cubic, 25%→75% of training), two seeds for the sizes ≤ 150K (quick), in two
           token-budget regimes tagged in the results:
@@ -29,7 +29,7 @@ PRESETS = {
         seq_len=32,
     ),
     "quick": dict(
-        sizes=("cpu_12k", "cpu_25k", "cpu_100k", "cpu_330k", "cpu_600k"),
+        sizes=("cpu_6k", "cpu_12k", "cpu_25k", "cpu_100k", "cpu_330k"),
         sparsities=(0.0, 0.5, 0.75, 0.875, 0.9375),
         seeds=(0, 1),
         max_params_multi_seed=150_000,  # second seed only where it is cheap

@@ -100,6 +100,19 @@ class SparseLinear(nnx.Module):
         """The effective dense kernel [in, out] (pruned entries are zero)."""
         return jnp.where(self.mask[...], self.kernel[...], 0)
 
+    def to_nm(self, n: int, m: int):
+        """Compressed N:M view (kept values + packed indices; `kernels.unpack_nm` round-trips to
+        `to_dense()` exactly). The mask must be n:m along the input axis."""
+        from sparsescale import kernels
+
+        return kernels.pack_nm(self.kernel[...], self.mask[...], n, m)
+
+    def to_block(self, block: tuple[int, int]):
+        """Compressed block view (BCSR-like tiles + block indices; exact round trip)."""
+        from sparsescale import kernels
+
+        return kernels.pack_block(self.kernel[...], self.mask[...], tuple(block))
+
     def density(self) -> jax.Array:
         return jnp.mean(self.mask[...].astype(jnp.float32))
 

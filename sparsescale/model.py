@@ -55,9 +55,10 @@ class ModelConfig:
         return self.moe is not None and self.moe.num_experts > 0 and (i + 1) % self.moe.every == 0
 
 
-# Non-embedding parameters 12·D²·layers (GELU MLP with F = 4D). CPU presets span 14K → 4.7M (340×),
+# Non-embedding parameters 12·D²·layers (GELU MLP with F = 4D). CPU presets span 6K → 4.7M (770×),
 # accelerator presets reach 1B.
 PRESETS: dict[str, dict] = {
+    "cpu_6k": dict(d_model=16, n_layers=2, n_heads=1, d_ff=64),
     "cpu_12k": dict(d_model=24, n_layers=2, n_heads=2, d_ff=96),
     "cpu_25k": dict(d_model=32, n_layers=2, n_heads=2, d_ff=128),
     "cpu_50k": dict(d_model=48, n_layers=2, n_heads=3, d_ff=192),

@@ -275,9 +275,9 @@ def build(cfg: RunConfig, devices=None) -> Trainer:
             "train/loss": loss,
             "train/aux_loss": aux["aux_loss"],
             "train/lr": learning_rate(cfg.optim)(step),
-            "norms/grad": optax.global_norm(grads),
-            "norms/param": optax.global_norm(params),
-            "norms/update": optax.global_norm(updates),
+            "norms/grad": optax.tree.norm(grads),
+            "norms/param": optax.tree.norm(params),
+            "norms/update": optax.tree.norm(updates),
             **{k: v for k, v in aux.items() if k != "aux_loss" and jnp.ndim(v) == 0},
         }
         if pruner.paths:

@@ -160,3 +160,16 @@ def test_impl_errors_and_auto():
         layers.SparseLinear(8, 8, impl="cusparse", rngs=nnx.Rngs(0))
     auto = layers.SparseLinear(8, 8, impl="auto", structure=sp.NM(2, 4), rngs=nnx.Rngs(0))
     assert auto.impl == ("masked" if jax.default_backend() == "cpu" else "pallas_nm")
+
+
+def test_compressed_views_round_trip():
+    from sparsescale import kernels
+
+    layer = layers.SparseLinear(32, 16, rngs=nnx.Rngs(0))
+    layer.mask[...] = sp.NM(2, 4).mask(jnp.abs(layer.kernel[...]))
+    packed = layer.to_nm(2, 4)
+    assert packed.values.shape == (16, 16)  # K·n/m rows: only kept weights are stored
+    np.testing.assert_array_equal(kernels.unpack_nm(packed), layer.to_dense())
+    layer.mask[...] = sp.Block(0.75, (8, 8)).mask(jnp.abs(layer.kernel[...]))
+    packed = layer.to_block((8, 8))
+    np.testing.assert_array_equal(kernels.unpack_block(packed), layer.to_dense())

@@ -249,3 +249,29 @@ def test_two_processes_match_one(tmp_path):
     sa = json.loads((one / "summary.json").read_text())
     sb = json.loads((two / "summary.json").read_text())
     assert sb["eval_loss"] == pytest.approx(sa["eval_loss"], rel=1e-5)
+
+
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
+    from sparsescale import checkpoint as ckpt
+
+    saved = train.build(config_lib.run_config(smoke_config(**{"mesh.data": 4})), jax.devices()[:4])
+    state = saved.init_fn()
+    it = data_lib.train_iterator(saved.cfg.data)
+    for _ in range(3):
+        state, _ = saved.step_fn(state, train.global_batch(saved, next(it)))
+    checkpointer = ckpt.Checkpointer(tmp_path / "ckpt", async_save=False)
+    checkpointer.save(3, state, it, {"wall_time_s": 0.0})
+    expected = next(it)
+
+    other_cfg = smoke_config(**{"mesh.data": 1, "mesh.tensor": 2, "mesh.fsdp": 2})
+    other = train.build(config_lib.run_config(other_cfg), jax.devices()[:4])
+    abstract = ckpt.abstract_with_shardings(jax.eval_shape(other.init_fn), other.state_shardings)
+    it2 = data_lib.train_iterator(other.cfg.data)
+    restored, meta = checkpointer.restore(3, abstract, it2)
+    checkpointer.close()
+    assert meta["wall_time_s"] == 0.0
+    np.testing.assert_array_equal(next(it2), expected)  # data iterator resumed exactly
+    kernel = restored["params"]["blocks"][0]["mlp"]["up"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
