@@ -19,6 +19,7 @@ from benchmarks import common
 from experiments import common as exp_common
 from launch.sweep import apply_overrides
 from sparsescale import config as config_lib
+from sparsescale import model as model_lib
 from sparsescale import train
 
 VARIANTS = {
@@ -57,10 +58,41 @@ def step_times(cfg, num_steps: int, start_step: int = 0) -> np.ndarray:
     return np.array(times)
 
 
+def moe_rows(preset: str, num_steps: int) -> dict:
+    """Whole-model step time: MoE (E=8, k=2 in every layer, expert width d_ff/2) vs the dense model
+    with the same active parameters (d_ff) and with the same total parameters (4·d_ff)."""
+    d_ff = model_lib.PRESETS[preset]["d_ff"]
+    moe = {"model.moe.num_experts": 8, "model.moe.top_k": 2, "model.moe.every": 1}
+    variants = {
+        "dense_same_active": {},
+        "moe_e8_k2": {**moe, "model.d_ff": d_ff // 2},
+        "dense_same_total": {"model.d_ff": 4 * d_ff},
+    }
+    out = {"preset": preset}
+    for name, overrides in variants.items():
+        cfg = make_config(preset, overrides)
+        out[name] = {
+            "step_s": float(np.median(step_times(cfg, num_steps))),
+            "params": model_lib.param_counts(cfg.model),
+        }
+    out["moe_over_dense_active"] = out["moe_e8_k2"]["step_s"] / out["dense_same_active"]["step_s"]
+    out["moe_over_dense_total"] = out["moe_e8_k2"]["step_s"] / out["dense_same_total"]["step_s"]
+    print(
+        f"MoE {preset}: {out['moe_over_dense_active']:.2f}x the dense-active step, "
+        f"{out['moe_over_dense_total']:.2f}x the dense-total step, with "
+        f"{out['moe_e8_k2']['params']['total'] / out['dense_same_active']['params']['total']:.2f}x "
+        "the parameters"
+    )
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--presets", default="cpu_25k,cpu_100k,cpu_600k,cpu_1.8m,cpu_4.7m")
+    parser.add_argument(
+        "--moe-preset", default="cpu_600k", help="whole-model MoE (E=8, k=2) comparison; '' skips"
+    )
     args = parser.parse_args()
     num_steps = 10 if args.quick else 30
     peak = common.matmul_flops_per_s()
@@ -115,7 +147,8 @@ def main():
             f"{row['mask_update']['update_over_plain']:.2f}x a step, amortised "
             f"{100 * row['mask_update']['amortised_overhead']:.1f}%"
         )
-    path = common.write("train_step", {"matmul_flops_per_s": peak, "presets": rows})
+    moe = moe_rows(args.moe_preset, num_steps) if args.moe_preset else None
+    path = common.write("train_step", {"matmul_flops_per_s": peak, "presets": rows, "moe": moe})
     print("wrote", path)
 
 

@@ -98,8 +98,9 @@ def get_sweep(arg: str = "quick"):
 
 
 def analyze(results, out_dir):
-    """One report per regime: fits, ΔL(S) vs size, S*(N) with intervals."""
-    return {
+    """One report per regime (fits, ΔL(S) vs size, S*(N) with intervals), and one over both
+    regimes together, where D varies independently of N so the full L(S, N, D) law is identified."""
+    reports = {
         regime: common.report(
             results[results["tag"] == regime],
             out_dir / regime,
@@ -108,3 +109,6 @@ def analyze(results, out_dir):
         for regime in ("scaled", "fixed")
         if (results["tag"] == regime).any()
     }
+    if results["tag"].nunique() > 1:
+        reports["both"] = common.report(results, out_dir / "both", "Figure 1, both budgets")
+    return reports
