@@ -152,6 +152,11 @@ def plot_loss_gap(
         ylabel="ΔL = L_sparse − L_dense (nats)",
         title="Loss cost of sparsity vs size",
     )
+    _readable_log_axes(ax)
+    if len(gaps):  # keep the measured points in view when fitted bands are wide
+        spread = gaps["gap"] + gaps["loss_std"].fillna(0)
+        low = min(0.0, float((gaps["gap"] - gaps["loss_std"].fillna(0)).min()))
+        ax.set_ylim(low - 0.05 * float(spread.max()), 1.3 * float(spread.max()))
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save(fig, path)
@@ -257,20 +262,49 @@ def plot_structure_penalty(df: pd.DataFrame, path=None) -> plt.Figure:
 
 
 def plot_moe(df: pd.DataFrame, fit: FitResult | None = None, path=None) -> plt.Figure:
-    """MoE loss vs active and vs total params, per expert count, with the Clark et al. fit."""
+    """MoE loss vs active and vs total params, per expert count (filled: top-2 or more, open:
+    top-1), dense runs (black squares) for reference, with the Clark et al. fit."""
     moe = df[df["structure"] == "moe"]
     if moe.empty:
         raise ValueError("no rows with structure == 'moe'")
+    dense = df[df["structure"] == "dense"]
     experts = sorted(moe["num_experts"].unique())
     cmap = plt.get_cmap("viridis")
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8), sharey=True)
+    if len(dense):
+        for ax, col in zip(axes, ("n_params_active", "n_params_total"), strict=True):
+            ax.scatter(
+                dense[col],
+                dense["eval_loss"],
+                color="k",
+                marker="s",
+                s=26,
+                zorder=4,
+                label="dense" if col == "n_params_active" else None,
+            )
     for i, e in enumerate(experts):
         pts = moe[moe["num_experts"] == e].sort_values("n_params_active")
         color = cmap(i / max(len(experts) - 1, 1) * 0.9)
-        axes[0].scatter(
-            pts["n_params_active"], pts["eval_loss"], color=color, s=22, label=f"E={e}", zorder=3
-        )
-        axes[1].scatter(pts["n_params_total"], pts["eval_loss"], color=color, s=22, zorder=3)
+        for k in sorted(pts["top_k"].unique()):
+            sub = pts[pts["top_k"] == k]
+            face = color if k > 1 else "none"
+            axes[0].scatter(
+                sub["n_params_active"],
+                sub["eval_loss"],
+                facecolors=face,
+                edgecolors=color,
+                s=26,
+                label=f"E={e}, k={k}",
+                zorder=3,
+            )
+            axes[1].scatter(
+                sub["n_params_total"],
+                sub["eval_loss"],
+                facecolors=face,
+                edgecolors=color,
+                s=26,
+                zorder=3,
+            )
         if fit is not None:
             n = np.geomspace(pts["n_params_active"].min() / 1.5, pts["n_params_active"].max() * 1.5)
             axes[0].plot(n, moe_law(fit.params, n, e, fit.config.n_scale), color=color)

@@ -359,7 +359,7 @@ def build_report(
             ]
         else:
             skipped.append("MoE fit: needs ≥ 2 expert counts and ≥ 2 sizes")
-        figure("moe", "MoE loss vs active and total parameters", figures.plot_moe, moe, moe_fit)
+        figure("moe", "MoE loss vs active and total parameters", figures.plot_moe, df, moe_fit)
     else:
         skipped.append("MoE figure: no rows with structure == 'moe'")
 

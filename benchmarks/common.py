@@ -25,6 +25,21 @@ def time_fn(fn, *args, repeats: int = 20, warmup: int = 2) -> float:
     return float(np.median(times))
 
 
+def time_interleaved(fns: dict, repeats: int = 20, warmup: int = 2) -> dict[str, float]:
+    """Median wall seconds of each zero-argument fn, timed in alternation so load drift on a
+    shared machine hits every variant alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def matmul_flops_per_s(n: int = 1024, repeats: int = 10) -> float:
     """The machine's dense float32 matmul throughput, measured now."""
     a = jax.random.normal(jax.random.key(0), (n, n))

@@ -37,8 +37,10 @@ def layer_ratio(batch: int, d_in: int, d_out: int, repeats: int) -> dict:
 
         return lambda: f(params, x)
 
-    t_dense = common.time_fn(fwd_bwd(dense), repeats=repeats)
-    t_sparse = common.time_fn(fwd_bwd(sparse), repeats=repeats)
+    times = common.time_interleaved(
+        {"dense": fwd_bwd(dense), "masked": fwd_bwd(sparse)}, repeats=repeats
+    )
+    t_dense, t_sparse = times["dense"], times["masked"]
     return {
         "shape": [batch, d_in, d_out],
         "dense_s": t_dense,

@@ -40,22 +40,40 @@ def make_config(preset: str, overrides: dict, steps: int = 1000):
     return config_lib.run_config(apply_overrides(c, overrides, "benchmark"))
 
 
-def step_times(cfg, num_steps: int, start_step: int = 0) -> np.ndarray:
-    trainer = train.build(cfg)
-    state = trainer.init_fn()
-    state["step"] = jax.device_put(np.int32(start_step), trainer.state_shardings["step"])
-    rng = np.random.default_rng(0)
-    batch = rng.integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
-    batch = train.global_batch(trainer, batch)
-    state, metrics = trainer.step_fn(state, batch)  # compile
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(num_steps):
+class Stepper:
+    """One compiled trainer on a fixed random batch; `step()` runs and times one train step."""
+
+    def __init__(self, cfg, start_step: int = 0):
+        self.trainer = train.build(cfg)
+        self.state = self.trainer.init_fn()
+        self.state["step"] = jax.device_put(
+            np.int32(start_step), self.trainer.state_shardings["step"]
+        )
+        rng = np.random.default_rng(0)
+        batch = rng.integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
+        self.batch = train.global_batch(self.trainer, batch)
+        self.step()  # compile
+
+    def step(self) -> float:
         t = time.perf_counter()
-        state, metrics = trainer.step_fn(state, batch)
+        self.state, metrics = self.trainer.step_fn(self.state, self.batch)
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t)
-    return np.array(times)
+        return time.perf_counter() - t
+
+
+def interleaved_medians(cfgs: dict, num_steps: int) -> dict[str, float]:
+    """Median step time per config, stepping the configs in alternation (fair under load)."""
+    steppers = {name: Stepper(cfg) for name, cfg in cfgs.items()}
+    times = {name: [] for name in cfgs}
+    for _ in range(num_steps):
+        for name, stepper in steppers.items():
+            times[name].append(stepper.step())
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def step_times(cfg, num_steps: int, start_step: int = 0) -> np.ndarray:
+    stepper = Stepper(cfg, start_step)
+    return np.array([stepper.step() for _ in range(num_steps)])
 
 
 def moe_rows(preset: str, num_steps: int) -> dict:
@@ -68,13 +86,11 @@ def moe_rows(preset: str, num_steps: int) -> dict:
         "moe_e8_k2": {**moe, "model.d_ff": d_ff // 2},
         "dense_same_total": {"model.d_ff": 4 * d_ff},
     }
+    cfgs = {name: make_config(preset, overrides) for name, overrides in variants.items()}
+    medians = interleaved_medians(cfgs, num_steps)
     out = {"preset": preset}
-    for name, overrides in variants.items():
-        cfg = make_config(preset, overrides)
-        out[name] = {
-            "step_s": float(np.median(step_times(cfg, num_steps))),
-            "params": model_lib.param_counts(cfg.model),
-        }
+    for name, cfg in cfgs.items():
+        out[name] = {"step_s": medians[name], "params": model_lib.param_counts(cfg.model)}
     out["moe_over_dense_active"] = out["moe_e8_k2"]["step_s"] / out["dense_same_active"]["step_s"]
     out["moe_over_dense_total"] = out["moe_e8_k2"]["step_s"] / out["dense_same_total"]["step_s"]
     print(
@@ -93,21 +109,21 @@ def main():
     parser.add_argument(
         "--moe-preset", default="cpu_600k", help="whole-model MoE (E=8, k=2) comparison; '' skips"
     )
+    parser.add_argument("--steps", type=int, help="timed steps per variant (default 10 quick, 30)")
     args = parser.parse_args()
-    num_steps = 10 if args.quick else 30
+    num_steps = args.steps or (10 if args.quick else 30)
     peak = common.matmul_flops_per_s()
     print(f"dense f32 matmul: {peak / 1e9:.1f} GFLOP/s")
     rows = []
     for preset in args.presets.split(","):
         row = {"preset": preset}
-        for name, overrides in VARIANTS.items():
-            cfg = make_config(preset, overrides)
-            t = float(np.median(step_times(cfg, num_steps)))
+        cfgs = {name: make_config(preset, overrides) for name, overrides in VARIANTS.items()}
+        medians = interleaved_medians(cfgs, num_steps)
+        dense_flops = train.model_accounting(cfgs["dense"])["flops_per_token"]
+        for name, cfg in cfgs.items():
+            t = medians[name]
             tokens = cfg.data.batch_size * cfg.data.seq_len
             flops = train.model_accounting(cfg)["flops_per_token"]
-            dense_flops = train.model_accounting(make_config(preset, VARIANTS["dense"]))[
-                "flops_per_token"
-            ]
             row[name] = {
                 "step_s": t,
                 "tokens_per_s": tokens / t,

@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     reports = module.analyze(results, out)
     for name, path in (reports or {}).items():
         print(f"{args.figure} [{name}]: {path}")
+    for png in sorted(out.rglob("*.png")):
+        print(f"  figure: {png}")
     if args.out.resolve() == (REPO / "docs" / "figures").resolve():
         print(f"updated {write_results_md(args.out, REPO / 'docs' / 'RESULTS.md')}")
     return 0
@@ -83,6 +85,14 @@ def write_results_md(figures_dir: Path, path: Path) -> Path:
         "tables next to each report; every number below was computed by `analysis/`, none typed.",
         "",
     ]
+    done = sorted(
+        {r.relative_to(figures_dir).parts[:2] for r in figures_dir.glob("*/*/**/report.md")}
+    )
+    lines.append("Reports here: " + ", ".join(f"`{f}` ({p})" for f, p in done) + ".")
+    missing = [f for f in FIGURES if f not in {f for f, _ in done}]
+    if missing:
+        lines.append("Not yet run: " + ", ".join(f"`{f}`" for f in missing) + ".")
+    lines.append("")
     for report in sorted(figures_dir.glob("*/*/**/report.md")):
         rel = report.parent.relative_to(path.parent)
         body = re.sub(r"\]\((?!https?:|#)([^)]+)\)", rf"]({rel}/\1)", report.read_text())

@@ -209,20 +209,19 @@ def build(cfg: RunConfig, devices=None) -> Trainer:
         fp, fm = traverse_util.flatten_dict(params), traverse_util.flatten_dict(masks)
         return {p: fp[p] for p in pruner.paths}, {p: fm[m] for p, m in kernel_paths.items()}
 
-    def with_masks(params, masks, new_kernel_masks):
-        """Writes pruned-kernel masks into the mask tree and zeroes pruned kernel entries."""
+    def with_masks(masks, new_kernel_masks):
+        """The mask tree with the pruned kernels' masks replaced."""
         fm = traverse_util.flatten_dict(masks)
         for p, m in new_kernel_masks.items():
             fm[kernel_paths[p]] = m
-        masks = traverse_util.unflatten_dict(fm)
-        return masks
+        return traverse_util.unflatten_dict(fm)
 
     def init():
         model = fresh_model()
         _, params, masks, rest = nnx.split(model, nnx.Param, Mask, ...)
         params, masks = nnx.to_pure_dict(params), nnx.to_pure_dict(masks)
         kernels, _ = split_kernels(params, masks)
-        masks = with_masks(params, masks, pruner.initial_masks(kernels))
+        masks = with_masks(masks, pruner.initial_masks(kernels))
         fp = traverse_util.flatten_dict(params)
         fm = traverse_util.flatten_dict(masks)
         if cfg.pruning.keeps_pruned_zero:
@@ -257,17 +256,19 @@ def build(cfg: RunConfig, devices=None) -> Trainer:
 
         (_, (loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         kernels, kernel_masks = split_kernels(state["params"], state["masks"])
-        kernel_grads = {p: traverse_util.flatten_dict(grads)[p] for p in pruner.paths}
-        new_masks = pruner.update(step, kernels, kernel_masks, kernel_grads)
-        masks = with_masks(state["params"], state["masks"], new_masks)
+        flat_grads = traverse_util.flatten_dict(grads)
+        new_masks = pruner.update(
+            step, kernels, kernel_masks, {p: flat_grads[p] for p in pruner.paths}
+        )
+        masks = with_masks(state["masks"], new_masks)
         if cfg.pruning.method == "srste":
-            fg = traverse_util.flatten_dict(grads)
             for p in pruner.paths:
-                fg[p] = fg[p] + sp.srste_decay(kernels[p], new_masks[p], cfg.pruning.srste_decay)
-            grads = traverse_util.unflatten_dict(fg)
-        extra = {"masks": aligned_masks(state["params"], masks)}
-        if not cfg.pruning.keeps_pruned_zero:
-            extra = {}
+                decay = sp.srste_decay(kernels[p], new_masks[p], cfg.pruning.srste_decay)
+                flat_grads[p] = flat_grads[p] + decay
+            grads = traverse_util.unflatten_dict(flat_grads)
+        extra = {}
+        if cfg.pruning.keeps_pruned_zero:
+            extra = {"masks": aligned_masks(state["params"], masks)}
         updates, opt = tx.update(grads, state["opt"], state["params"], **extra)
         params = optax.apply_updates(state["params"], updates)
 

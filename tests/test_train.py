@@ -275,3 +275,33 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"sparsity.method": "rigl", "sparsity.schedule.kind": "dynamic"},
+        {"sparsity.method": "set", "sparsity.schedule.kind": "dynamic"},
+        {"sparsity.method": "srste", "sparsity.structure": "nm", "sparsity.schedule.every": 1},
+    ],
+)
+def test_dynamic_and_srste_training_keep_their_invariants(overrides):
+    c = smoke_config(**{"train.steps": 8, "sparsity.schedule.start": 0.0, **overrides})
+    cfg = config_lib.run_config(c)
+    trainer = train.build(cfg, jax.devices()[:1])
+    state = trainer.init_fn()
+    it = data_lib.train_iterator(cfg.data)
+    first_masks = jax.tree.map(np.asarray, state["masks"])
+    for _ in range(6):
+        state, metrics = trainer.step_fn(state, train.global_batch(trainer, next(it)))
+        assert np.isfinite(float(metrics["train/loss"]))
+    up = state["params"]["blocks"][0]["mlp"]["up"]["kernel"]
+    mask = np.asarray(state["masks"]["blocks"][0]["mlp"]["up"]["mask"])
+    if cfg.pruning.method == "srste":  # exact 2:4 masks; pruned weights keep training (dense)
+        assert (mask.reshape(-1, 4, mask.shape[-1]).sum(1) == 2).all()
+        assert (np.asarray(up)[~mask] != 0).any()
+    else:  # exact count kept, pruned weights exactly zero, and the masks moved
+        assert float(metrics["sparsity/overall"]) == pytest.approx(0.5, abs=1e-3)
+        assert (np.asarray(up)[~mask] == 0).all()
+        changed = jax.tree.map(lambda a, b: (a != np.asarray(b)).any(), first_masks, state["masks"])
+        assert any(jax.tree.leaves(changed))
