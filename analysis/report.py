@@ -79,11 +79,17 @@ def build_report(
     fit_config: FitConfig = DEFAULT_FIT_CONFIG,
     tol: derived.Tolerance | None = None,
     title: str = "Sparsity scaling report",
-    prunable_fraction: float = 1.0,
+    prunable_fraction: float | None = 1.0,
     n_boot_runs: int = 200,
 ) -> Path:
-    """Fits, derived tables and figures for `df`; writes `out_dir`/report.md and figures."""
+    """Fits, derived tables and figures for `df`; writes `out_dir`/report.md and figures.
+
+    `prunable_fraction` (the share of parameters that sparsity S removes from, for fit-based ΔL and
+    S*): None takes the median of n_params_prunable / n_params_total over the runs."""
     tol = tol or derived.Tolerance()
+    if prunable_fraction is None:
+        ratio = df["n_params_prunable"] / df["n_params_total"]
+        prunable_fraction = float(ratio.median()) if ratio.notna().any() else 1.0
     out = Path(out_dir)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +98,8 @@ def build_report(
     counts = df.groupby("structure").size()
     lines += [
         f"{len(df)} runs: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ". "
-        f"Tolerance: ΔL ≤ {tol.describe()}. N = non-zero parameters, D = tokens.",
+        f"Tolerance: ΔL ≤ {tol.describe()}. N = non-zero parameters, D = tokens. Fit-based ΔL "
+        f"and S* prune a fraction {fmt(prunable_fraction)} of the parameters.",
         "",
     ]
 

@@ -153,5 +153,10 @@ def report(results, out_dir, title: str, n_boot: int = 100):
 
     cfg = dataclasses.replace(report_lib.DEFAULT_FIT_CONFIG, n_boot=n_boot)
     return report_lib.build_report(
-        results, out_dir, fit_config=cfg, tol=derived.Tolerance(0.02), title=title
+        results,
+        out_dir,
+        fit_config=cfg,
+        tol=derived.Tolerance(0.02),
+        title=title,
+        prunable_fraction=None,  # embeddings and norms are never pruned: use the runs' share
     )
