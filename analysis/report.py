@@ -130,8 +130,13 @@ def build_report(
             coefficient_table(sparse_fit),
             "",
         ]
+        ext = None
         if sparse_df["n_params_nonzero"].nunique() >= 3:
-            ext = extrapolation_error("sparse", sparse_df, fit_config, "n_params_nonzero")
+            try:
+                ext = extrapolation_error("sparse", sparse_df, fit_config, "n_params_nonzero")
+            except ValueError as e:  # too few runs below the largest size
+                skipped.append(f"leave-largest-size-out extrapolation: {e}")
+        if ext is not None:
             lines += [
                 "### Leave-largest-size-out extrapolation",
                 "",
