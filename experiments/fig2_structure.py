@@ -1,7 +1,7 @@
 """Figure 2 — structure costs freedom: unstructured vs N:M with growing groups vs blocks.
 
 Command:  python -m experiments.reproduce fig2_structure --preset quick
-Runtime:  smoke ≈ 1 min; quick ≈ 35 min on 2 CPU cores (26 runs); medium ≈ 6 h; full: accelerators.
+Runtime:  smoke ≈ 1 min; quick ≈ 70 min on 2 CPU cores (52 runs); medium ≈ 6 h; full: accelerators.
 Design:   at 50% sparsity: unstructured, 1:2, 2:4, 5:10, 50:100, blocks 4×4 and 20×20; at 75%:
           unstructured, 1:4, 2:8, blocks 4×4 and 20×20; plus dense. One matched gradual schedule
           (N:M is reached by an unstructured magnitude ramp that ends exactly N:M). Sizes have
@@ -15,7 +15,11 @@ from experiments import common
 PRESETS = {
     "smoke": dict(sizes=("cpu_480k_d200",), steps=6, seeds=(0,), batch_size=8, seq_len=32),
     "quick": dict(
-        sizes=("cpu_480k_d200", "cpu_960k_d200"), steps=300, seeds=(0,), batch_size=16, seq_len=128
+        sizes=("cpu_480k_d200", "cpu_960k_d200"),
+        steps=300,
+        seeds=(0, 1),
+        batch_size=16,
+        seq_len=128,
     ),
     "medium": dict(
         sizes=("cpu_480k_d200", "cpu_960k_d200", "cpu_3.8m_d400"),
