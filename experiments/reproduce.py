@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     parser.add_argument("--root", type=Path, default=REPO / "runs")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "figures")
     parser.add_argument("--jobs", type=int, help="concurrent runs (default: measured)")
+    parser.add_argument(
+        "--stack", type=int, help="runs trained together per process (default: measured; 1: off)"
+    )
     parser.add_argument("--analyze-only", action="store_true")
     args = parser.parse_args(argv)
 
@@ -52,6 +55,8 @@ def main(argv=None) -> int:
             launch_args = ["run", spec, "--root", str(root)]
             if args.jobs:
                 launch_args += ["--jobs", str(args.jobs)]
+            if args.stack:
+                launch_args += ["--stack", str(args.stack)]
             code = launch_cli.main(launch_args)
             if code:
                 print(f"some runs failed; see `python -m launch status {root}`", file=sys.stderr)

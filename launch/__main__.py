@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-retries", type=int, default=2, help="retries of a failed run")
     run.add_argument("--jobs", type=int, help="local: concurrent runs (default: measured)")
     run.add_argument("--threads", type=int, help="local: cores per run (default: measured)")
+    run.add_argument(
+        "--stack",
+        type=int,
+        help="local: most runs trained together in one vmapped process (default: measured; 1: off)",
+    )
     run.add_argument("--refresh", type=float, default=2.0, help="local: table refresh seconds")
     run.add_argument("--partition", help="slurm: partition")
     run.add_argument("--no-wait", action="store_true", help="slurm: submit and exit")
@@ -98,7 +103,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             threads = args.threads or max(1, len(local.available_cpus()) // jobs)
             source = "--jobs/--threads"
         print(f"local backend: {jobs} jobs × {threads} threads ({source})", flush=True)
-        options = local.LocalOptions(jobs, threads, args.max_retries, args.refresh)
+        if args.stack is not None and args.stack < 1:
+            raise sweep.SweepError(f"--stack must be ≥ 1, got {args.stack}")
+        options = local.LocalOptions(
+            jobs, threads, args.max_retries, args.refresh, max_stack=args.stack
+        )
         failed = local.run_local(expanded, args.root, options)
     return 1 if failed else 0
 

@@ -121,11 +121,18 @@ def update_attempt(workdir: Path, n: int, **fields: Any) -> None:
         state["attempts"][n - 1].update(fields)
 
 
-def finish_attempt(workdir: Path, n: int, exit_code: int, since: float) -> dict[str, Any]:
-    """Close attempt `n` from the trainer's exit code and files; returns the closed attempt."""
+def finish_attempt(
+    workdir: Path, n: int, exit_code: int, since: float, stderr: Path | None = None
+) -> dict[str, Any]:
+    """Close attempt `n` from the trainer's exit code and files; returns the closed attempt.
+    `stderr`: a stacked job's log (its exit code is 1 if any of its runs failed, so a run with
+    a fresh summary.json counts as done)."""
     workdir = Path(workdir)
     outcome, error = DONE, None
-    if exit_code != 0 or not (workdir / SUMMARY_FILE).exists():
+    summary = workdir / SUMMARY_FILE
+    if stderr is not None and summary.exists() and summary.stat().st_mtime >= since:
+        exit_code = 0
+    if exit_code != 0 or not summary.exists():
         outcome = FAILED
         failed = read_json(workdir / FAILED_FILE)
         fresh = (workdir / FAILED_FILE).exists() and (
@@ -136,7 +143,7 @@ def finish_attempt(workdir: Path, n: int, exit_code: int, since: float) -> dict[
         elif exit_code == 0:
             error = "trainer exited 0 without writing summary.json"
         else:
-            error = f"exit code {exit_code}: {error_line(workdir / 'stderr.log')}"
+            error = f"exit code {exit_code}: {error_line(stderr or workdir / 'stderr.log')}"
     with edit_launch_state(workdir) as state:
         attempt = state["attempts"][n - 1]
         attempt.update(ended=now_iso(), exit_code=exit_code, outcome=outcome, error=error)

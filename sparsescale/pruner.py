@@ -6,6 +6,7 @@ train step: the schedule is evaluated from the traced step, so mask updates neve
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 
@@ -79,6 +80,7 @@ class Pruner:
         self, cfg: PruningConfig, kernel_shapes: Mapping[Path, tuple[int, ...]], total_steps: int
     ):
         self.cfg, self.total_steps = cfg, int(total_steps)
+        self.seed = cfg.seed
         names = {sp.path_str(p): p for p in kernel_shapes}
         if cfg.structure is None:
             self.paths: list[Path] = []
@@ -97,9 +99,16 @@ class Pruner:
             )
             self.final_sparsity = {p: by_name[sp.path_str(p)] for p in self.paths}
 
+    def bind(self, final_sparsity: Mapping[Path, jax.Array], seed: jax.Array) -> Pruner:
+        """A copy pruning to (traced) per-layer `final_sparsity` with a (traced) `seed`: one
+        variant of a stacked run (`train.build(..., num_variants=K)` vmaps over these)."""
+        bound = copy.copy(self)
+        bound.final_sparsity, bound.seed = dict(final_sparsity), seed
+        return bound
+
     # -- scores ------------------------------------------------------------------------------------
     def _layer_key(self, index: int) -> jax.Array:
-        return jax.random.fold_in(jax.random.key(self.cfg.seed), index)
+        return jax.random.fold_in(jax.random.key(self.seed), index)
 
     def _scores(self, kernels: Mapping[Path, jax.Array]) -> dict[Path, jax.Array]:
         if self.cfg.method == "random":
@@ -160,7 +169,7 @@ class Pruner:
         def recompute(_):
             if self.cfg.method in ("set", "rigl"):
                 fraction = self.cfg.schedule.drop_fraction_at(step, self.total_steps)
-                key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
+                key = jax.random.fold_in(jax.random.key(self.seed + 1), step)
                 out = {}
                 for i, p in enumerate(self.paths):
                     if self.cfg.method == "rigl":

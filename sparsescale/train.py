@@ -164,14 +164,60 @@ class Trainer:
     init_fn: Callable
     step_fn: Callable
     eval_fn: Callable
+    num_variants: int | None = None  # None: one run; K: K stacked variants (leading axis)
+
+    def variant_state(self, state: dict, k: int) -> dict:
+        """Variant k's state in the one-run layout (what its checkpoint holds)."""
+        if self.num_variants is None:
+            return state
+        return {
+            **jax.tree.map(lambda x: x[k], {n: v for n, v in state.items() if n != "step"}),
+            "step": state["step"],
+        }
+
+    def stack_states(self, states: list[dict]) -> dict:
+        if self.num_variants is None:
+            (state,) = states
+            return state
+        parts = [{n: v for n, v in s.items() if n != "step"} for s in states]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+        return jax.device_put({**stacked, "step": states[0]["step"]}, self.state_shardings)
 
 
-def build(cfg: RunConfig, devices=None) -> Trainer:
+STACK_AXES = {"params": 0, "masks": 0, "rest": 0, "opt": 0, "step": None}
+
+
+def _stacked_sharding(s: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec))
+
+
+def variant_inputs(cfgs: list[RunConfig], pruner: pruner_lib.Pruner) -> dict:
+    """What differs between stacked variants, as arrays with a leading variant axis: the init
+    seed, the pruning seed and each pruned layer's final sparsity (0 for a dense variant)."""
+    final = {sp.path_str(p): [] for p in pruner.paths}
+    for c in cfgs:
+        own = (
+            pruner_lib.Pruner(c.pruning, pruner.shapes, c.optim.steps)
+            if c.pruning.structure
+            else None
+        )
+        for p in pruner.paths:
+            final[sp.path_str(p)].append(own.final_sparsity[p] if own else 0.0)
+    return {
+        "seed": np.array([c.optim.seed for c in cfgs], np.int32),
+        "prune_seed": np.array([c.pruning.seed for c in cfgs], np.int32),
+        "final_sparsity": {k: np.array(v, np.float32) for k, v in final.items()},
+    }
+
+
+def build(cfg: RunConfig, devices=None, num_variants: int | None = None) -> Trainer:
+    """Compiled init/step/eval for `cfg`; with `num_variants=K`, for K stacked variants of it
+    (vmapped over a leading axis; init and step then take `variant_inputs(...)`)."""
     mesh = shard_lib.make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.rules
 
-    def fresh_model():
-        return model_lib.Transformer(cfg.model, rngs=nnx.Rngs(cfg.optim.seed))
+    def fresh_model(seed=cfg.optim.seed):
+        return model_lib.Transformer(cfg.model, rngs=nnx.Rngs(seed))
 
     abstract = nnx.eval_shape(fresh_model)
     graphdef, params_t, masks_t, rest_t = nnx.split(abstract, nnx.Param, Mask, ...)
@@ -216,12 +262,19 @@ def build(cfg: RunConfig, devices=None) -> Trainer:
             fm[kernel_paths[p]] = m
         return traverse_util.unflatten_dict(fm)
 
-    def init():
-        model = fresh_model()
+    def bound_pruner(variant):
+        if variant is None:
+            return pruner
+        final = {p: variant["final_sparsity"][sp.path_str(p)] for p in pruner.paths}
+        return pruner.bind(final, variant["prune_seed"])
+
+    def init(variant=None):
+        seed = cfg.optim.seed if variant is None else jax.random.key(variant["seed"])
+        model = fresh_model(seed)
         _, params, masks, rest = nnx.split(model, nnx.Param, Mask, ...)
         params, masks = nnx.to_pure_dict(params), nnx.to_pure_dict(masks)
         kernels, _ = split_kernels(params, masks)
-        masks = with_masks(masks, pruner.initial_masks(kernels))
+        masks = with_masks(masks, bound_pruner(variant).initial_masks(kernels))
         fp = traverse_util.flatten_dict(params)
         fm = traverse_util.flatten_dict(masks)
         if cfg.pruning.keeps_pruned_zero:
@@ -245,7 +298,7 @@ def build(cfg: RunConfig, devices=None) -> Trainer:
         )
         return model(tokens_BxL)
 
-    def train_step(state, batch_BxL1):
+    def train_step(state, batch_BxL1, variant=None):
         inputs, targets = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
         step = state["step"]
 
@@ -257,7 +310,7 @@ def build(cfg: RunConfig, devices=None) -> Trainer:
         (_, (loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         kernels, kernel_masks = split_kernels(state["params"], state["masks"])
         flat_grads = traverse_util.flatten_dict(grads)
-        new_masks = pruner.update(
+        new_masks = bound_pruner(variant).update(
             step, kernels, kernel_masks, {p: flat_grads[p] for p in pruner.paths}
         )
         masks = with_masks(state["masks"], new_masks)
@@ -302,16 +355,36 @@ def build(cfg: RunConfig, devices=None) -> Trainer:
         logits, _ = apply_model(state["params"], state["masks"], state["rest"], batch_BxL1[:, :-1])
         return jnp.sum(cross_entropy(logits, batch_BxL1[:, 1:])), batch_BxL1[:, 1:].size
 
-    init_fn = jax.jit(init, out_shardings=state_shardings)
-    step_fn = jax.jit(
-        train_step,
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(
-        eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
-    )
+    if num_variants is None:
+        init_fn = jax.jit(init, out_shardings=state_shardings)
+        step_fn = jax.jit(
+            train_step,
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(
+            eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
+        )
+    else:  # the step counter is shared, so mask-update conds stay conds under vmap
+        is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)
+        state_shardings = {
+            k: v if k == "step" else jax.tree.map(_stacked_sharding, v, is_leaf=is_sharding)
+            for k, v in state_shardings.items()
+        }
+        batch_sharding = _stacked_sharding(batch_sharding)
+        init_fn = jax.jit(jax.vmap(init, out_axes=STACK_AXES), out_shardings=state_shardings)
+        step_fn = jax.jit(
+            jax.vmap(train_step, in_axes=(STACK_AXES, 0, 0), out_axes=(STACK_AXES, 0)),
+            in_shardings=(state_shardings, batch_sharding, replicated),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(
+            jax.vmap(eval_step, in_axes=(STACK_AXES, 0)),
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=replicated,
+        )
     return Trainer(
         cfg,
         mesh,
@@ -324,6 +397,7 @@ def build(cfg: RunConfig, devices=None) -> Trainer:
         init_fn,
         step_fn,
         eval_fn,
+        num_variants,
     )
 
 
@@ -331,13 +405,14 @@ def global_batch(trainer: Trainer, local_batch: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(trainer.batch_sharding, local_batch)
 
 
-def evaluate(trainer: Trainer, state, batches) -> float:
+def evaluate(trainer: Trainer, state, batches):
+    """Mean eval loss in nats per token (an array over variants for a stacked trainer)."""
     total, count = 0.0, 0
     for b in batches:
         loss_sum, n = trainer.eval_fn(state, global_batch(trainer, b))
-        total += float(loss_sum)
-        count += int(n)
-    return total / count
+        total = total + np.asarray(loss_sum, np.float64)
+        count += int(np.ravel(n)[0])
+    return total / count if trainer.num_variants else float(total / count)
 
 
 def model_accounting(cfg: RunConfig, pruner: pruner_lib.Pruner | None = None) -> dict:
@@ -415,136 +490,327 @@ def _summary_row(cfg: RunConfig, accounting: dict, final: dict) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------------
+# Stacking: which runs can share one vmapped step.
+
+VARIANT_FIELDS = ("run_id", "tag", "optim.seed", "data.seed", "pruning.seed")
+
+
+def _stack_key(cfg: RunConfig) -> tuple[str, str | None]:
+    """(everything but the per-variant fields, the pruning recipe less its target; None: dense)."""
+    d = cfg.to_dict()
+    for field in VARIANT_FIELDS:
+        *parents, leaf = field.split(".")
+        node = d
+        for part in parents:
+            node = node[part]
+        node.pop(leaf)
+    pruning = d.pop("pruning")
+    if cfg.pruning.structure is None:
+        return json.dumps(d, sort_keys=True), None
+    if isinstance(cfg.pruning.structure, sp.Unstructured | sp.Block):
+        pruning["structure"].pop("sparsity")
+    pruning["structure"]["kind"] = cfg.pruning.structure.name
+    return json.dumps(d, sort_keys=True), json.dumps(pruning, sort_keys=True)
+
+
+def _joins_dense(cfg: RunConfig) -> bool:
+    """Whether a dense run can ride in a stack of `cfg` as the same recipe at 0% sparsity."""
+    return isinstance(cfg.pruning.structure, sp.Unstructured | sp.Block) and (
+        cfg.pruning.method in ("magnitude", "random")
+    )
+
+
+def stack_groups(cfgs: list[RunConfig]) -> list[list[int]]:
+    """Indices of `cfgs` grouped into stackable sets: same model, data (but seed), optimizer (but
+    seed), mesh and pruning recipe; they may differ in seeds and, for unstructured and block
+    sparsity, in the target. Dense runs join a matching unstructured/block group."""
+    groups: dict[tuple, list[int]] = {}
+    dense: dict[str, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        base, recipe = _stack_key(c)
+        if recipe is None:
+            dense.setdefault(base, []).append(i)
+        else:
+            groups.setdefault((base, recipe), []).append(i)
+    for base, members in dense.items():
+        host = next(
+            (k for k, g in groups.items() if k[0] == base and _joins_dense(cfgs[g[0]])), None
+        )
+        groups.setdefault(host or (base, None), []).extend(members)
+    return [sorted(g) for g in groups.values()]
+
+
+def check_stackable(cfgs: list[RunConfig]) -> RunConfig:
+    """Raises ValueError unless `cfgs` can train as one stack; returns the config to build."""
+    if len(stack_groups(cfgs)) != 1:
+        keys = [_stack_key(c) for c in cfgs]
+        raise ValueError(
+            "these runs cannot be stacked: they must share model, data (but seed), optimizer (but "
+            f"seed), mesh and pruning recipe; {len(set(keys))} different recipes given."
+        )
+    return next((c for c in cfgs if c.pruning.structure is not None), cfgs[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop: one run, or K stacked variants that each keep their own workdir.
+
+
+@dataclasses.dataclass
+class _Member:
+    """One run's files and bookkeeping inside the loop."""
+
+    cfg: RunConfig
+    workdir: Path
+    checkpointer: ckpt.Checkpointer
+    train_iter: object
+    accounting: dict
+    fingerprint: str
+    metrics_file: object = None
+    writer: object = None
+    last_good: int = 0
+    eval_loss: float = float("nan")
+    train_loss: float = float("nan")
+    failed: bool = False
+    closed: bool = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.checkpointer.close()
+            self.closed = True
+        for f in (self.metrics_file, self.writer):
+            if f is not None:
+                f.close()
+        self.metrics_file = self.writer = None
+
+
+def _data_key(cfg: RunConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
+
+
 def run(cfg: RunConfig, workdir: str | Path) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the summary written to summary.json."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    (summary,) = run_stack([cfg], [workdir], stacked=False)
+    if summary is None:
+        raise NonFiniteLoss(json.loads((Path(workdir) / "failed.json").read_text())["error"])
+    return summary
+
+
+def run_stack(
+    cfgs: list[RunConfig], workdirs: list[str | Path], stacked: bool = True
+) -> list[dict | None]:
+    """Trains (or resumes) several runs in one vmapped step (see `stack_groups`); each keeps its
+    own workdir, metrics, checkpoints and summary.json, exactly as if run alone. A non-finite loss
+    fails that run only (failed.json, entry None). Returns the summaries."""
+    workdirs = [Path(w) for w in workdirs]
+    if len(cfgs) != len(workdirs) or not cfgs:
+        raise ValueError("run_stack: need one workdir per config (and at least one).")
+    if not stacked and len(cfgs) != 1:
+        raise ValueError("run_stack: stacked=False trains exactly one run.")
+    base = check_stackable(cfgs) if stacked else cfgs[0]
     is_main = jax.process_index() == 0
-    data_lib.validate(cfg.data)
-    trainer = build(cfg)
-    data_lib.prepare(cfg.data)
-    fingerprint = data_lib.fingerprint(cfg.data)
-    accounting = model_accounting(cfg, trainer.pruner)
-    if is_main:
-        ckpt.write_json_atomic(workdir / "config.json", cfg.to_dict())
+    for c in cfgs:
+        data_lib.validate(c.data)
+    trainer = build(base, num_variants=len(cfgs) if stacked else None)
+    variants = variant_inputs(cfgs, trainer.pruner) if stacked else None
 
-    train_iter = data_lib.train_iterator(cfg.data)
-    eval_batches = data_lib.eval_batches(cfg.data, cfg.optim.eval_batches)
-    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", keep=cfg.optim.keep_ckpts)
-    metrics_path = workdir / "metrics.jsonl"
-
-    start = checkpointer.latest_step()
-    if start is None:
-        state = trainer.init_fn()
-        start, wall_before = 0, 0.0
-        if is_main:  # lines from a killed attempt that never reached a checkpoint
-            _truncate_metrics(metrics_path, 0)
-    else:
-        abstract = ckpt.abstract_with_shardings(
-            jax.eval_shape(trainer.init_fn), trainer.state_shardings
+    iterators, evals = {}, {}  # one data stream per distinct data config, shared by its runs
+    members = []
+    for c, w in zip(cfgs, workdirs, strict=True):
+        w.mkdir(parents=True, exist_ok=True)
+        if _data_key(c) not in iterators:
+            data_lib.prepare(c.data)
+            iterators[_data_key(c)] = data_lib.train_iterator(c.data)
+            evals[_data_key(c)] = data_lib.eval_batches(c.data, c.optim.eval_batches)
+        own_pruner = (
+            trainer.pruner
+            if not stacked
+            else (
+                pruner_lib.Pruner(c.pruning, trainer.pruner.shapes, c.optim.steps)
+                if c.pruning.structure
+                else None
+            )
         )
-        state, meta = checkpointer.restore(start, abstract, train_iter)
-        wall_before = float(meta.get("wall_time_s", 0.0))
+        members.append(
+            _Member(
+                c,
+                w,
+                ckpt.Checkpointer(w / "checkpoints", keep=c.optim.keep_ckpts),
+                iterators[_data_key(c)],
+                model_accounting(c, own_pruner),
+                data_lib.fingerprint(c.data),
+            )
+        )
         if is_main:
-            _truncate_metrics(metrics_path, start)
-        log.info("Resumed from step %d in %s", start, workdir)
+            ckpt.write_json_atomic(w / "config.json", c.to_dict())
+    optim = base.optim
 
-    writer = None
-    if is_main:
-        from tensorboardX import SummaryWriter
+    def next_batch():
+        fresh = {d: next(it) for d, it in iterators.items()}
+        if not stacked:
+            return global_batch(trainer, fresh[_data_key(cfgs[0])])
+        return global_batch(trainer, np.stack([fresh[_data_key(c)] for c in cfgs]))
 
-        writer = SummaryWriter(str(workdir / "tb"))
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    def eval_all(state):
+        if not stacked:
+            return [evaluate(trainer, state, evals[_data_key(cfgs[0])])]
+        stacked_batches = [
+            np.stack(b) for b in zip(*(evals[_data_key(c)] for c in cfgs), strict=True)
+        ]
+        return list(evaluate(trainer, state, stacked_batches))
+
+    # Resume every member from the newest step all of them have (they checkpoint together).
+    common = set.intersection(*(set(m.checkpointer.manager.all_steps()) for m in members))
+    start = max(common) if common else None
+    if start is None:
+        state = trainer.init_fn() if not stacked else trainer.init_fn(variants)
+        start, wall_before = 0, 0.0
+    else:
+        one = build(base) if stacked else trainer
+        abstract = ckpt.abstract_with_shardings(jax.eval_shape(one.init_fn), one.state_shardings)
+        states, walls = [], []
+        for m in members:
+            restored, meta = m.checkpointer.restore(start, abstract, m.train_iter)
+            states.append(restored)
+            walls.append(float(meta.get("wall_time_s", 0.0)))
+        state, wall_before = trainer.stack_states(states), max(walls)
+        log.info("Resumed %d run(s) from step %d in %s", len(members), start, workdirs[0])
+    for m in members:
+        m.last_good = start
+        if is_main:  # drop lines a killed attempt logged after its last checkpoint
+            _truncate_metrics(m.workdir / "metrics.jsonl", start)
+            from tensorboardX import SummaryWriter
+
+            m.metrics_file = open(m.workdir / "metrics.jsonl", "a")
+            m.writer = SummaryWriter(str(m.workdir / "tb"))
+
+    tokens_per_step = base.data.batch_size * base.data.seq_len
     t_start = time.perf_counter()
     t_last, step_last = t_start, start
-    last_good = start
-    eval_loss = float("nan")
-    train_loss = float("nan")
-    metrics_file = open(metrics_path, "a") if is_main else None
     try:
-        for step in range(start, cfg.optim.steps):
-            state, metrics = trainer.step_fn(state, global_batch(trainer, next(train_iter)))
+        for step in range(start, optim.steps):
+            if stacked:
+                state, metrics = trainer.step_fn(state, next_batch(), variants)
+            else:
+                state, metrics = trainer.step_fn(state, next_batch())
             done = step + 1
             if step == start:  # keep compilation out of the throughput numbers
                 jax.block_until_ready(metrics)
                 t_last, step_last = time.perf_counter(), done
-            log_now = done % cfg.optim.log_every == 0 or done == cfg.optim.steps
-            ckpt_now = done % cfg.optim.ckpt_every == 0 or done == cfg.optim.steps
-            eval_now = cfg.optim.eval_every and done % cfg.optim.eval_every == 0
+            log_now = done % optim.log_every == 0 or done == optim.steps
+            ckpt_now = done % optim.ckpt_every == 0 or done == optim.steps
+            eval_now = optim.eval_every and done % optim.eval_every == 0
             if not (log_now or ckpt_now or eval_now):
                 continue
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(metrics["train/loss"]):
-                raise NonFiniteLoss(
-                    f"non-finite training loss {metrics['train/loss']} at step {done}; "
-                    f"the last good checkpoint is step {last_good}."
-                )
-            train_loss = metrics["train/loss"]
+            values = {
+                k: np.atleast_1d(np.asarray(v, np.float64))
+                for k, v in jax.device_get(metrics).items()
+            }
             now = time.perf_counter()
             step_time = (now - t_last) / max(done - step_last, 1) if done > step_last else 0.0
-            metrics.update(
-                {
-                    "step": done,
-                    "perf/step_time_s": step_time,
-                    "perf/tokens_per_s": tokens_per_step / step_time if step_time else 0.0,
-                }
-            )
             t_last, step_last = now, done
-            if eval_now or done == cfg.optim.steps:
-                eval_loss = evaluate(trainer, state, eval_batches)
-                metrics["eval/loss"] = eval_loss
-                metrics["eval/bpb"] = eval_loss / math.log(2)
+            live = [k for k, m in enumerate(members) if not m.failed]
+            for k in live:
+                loss = float(values["train/loss"][k])
+                if not math.isfinite(loss):
+                    _fail(
+                        members[k],
+                        f"non-finite training loss {loss} at step {done}; the last "
+                        f"good checkpoint is step {members[k].last_good}.",
+                        is_main,
+                    )
+            live = [k for k in live if not members[k].failed]
+            if not live:
+                break
+            eval_losses = eval_all(state) if (eval_now or done == optim.steps) else None
+            for k in live:
+                m = members[k]
+                row = {
+                    n: float(v[k])
+                    for n, v in values.items()
+                    if m.cfg.pruning.structure is not None or not n.startswith("sparsity/")
+                }
+                m.train_loss = row["train/loss"]
+                row.update(
+                    {
+                        "step": done,
+                        "perf/step_time_s": step_time,
+                        "perf/tokens_per_s": tokens_per_step / step_time if step_time else 0.0,
+                    }
+                )
+                if eval_losses is not None:
+                    m.eval_loss = float(eval_losses[k])
+                    row["eval/loss"] = m.eval_loss
+                    row["eval/bpb"] = m.eval_loss / math.log(2)
+                if is_main:
+                    m.metrics_file.write(json.dumps(row) + "\n")
+                    m.metrics_file.flush()
+                    for n, v in row.items():
+                        if n != "step":
+                            m.writer.add_scalar(n, v, done)
             if is_main:
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
-                for k, v in metrics.items():
-                    if k != "step":
-                        writer.add_scalar(k, v, done)
-                eta = (cfg.optim.steps - done) * step_time
+                eta = (optim.steps - done) * step_time
+                losses = " ".join(f"{members[k].train_loss:.4f}" for k in live)
                 log.info(
-                    "step %d/%d loss %.4f%s | %.0f tok/s | ETA %s",
+                    "step %d/%d loss %s%s | %.0f tok/s | ETA %s",
                     done,
-                    cfg.optim.steps,
-                    train_loss,
-                    f" eval {eval_loss:.4f}" if "eval/loss" in metrics else "",
-                    metrics["perf/tokens_per_s"],
+                    optim.steps,
+                    losses,
+                    ""
+                    if eval_losses is None
+                    else " eval " + " ".join(f"{eval_losses[k]:.4f}" for k in live),
+                    len(live) * tokens_per_step / step_time if step_time else 0.0,
                     time.strftime("%H:%M:%S", time.gmtime(eta)),
                 )
             if ckpt_now:
                 wall = wall_before + time.perf_counter() - t_start
-                checkpointer.save(
-                    done, state, train_iter, {"wall_time_s": wall, "fingerprint": fingerprint}
-                )
-                last_good = done
-    except NonFiniteLoss as e:
-        checkpointer.close()
-        if is_main:
-            ckpt.write_json_atomic(workdir / "failed.json", {"error": str(e), "step": last_good})
-        raise
+                for k in live:
+                    m = members[k]
+                    if done not in m.checkpointer.manager.all_steps():  # else: saved before a kill
+                        m.checkpointer.save(
+                            done,
+                            trainer.variant_state(state, k),
+                            m.train_iter,
+                            {"wall_time_s": wall, "fingerprint": m.fingerprint},
+                        )
+                    m.last_good = done
     finally:
-        if metrics_file is not None:
-            metrics_file.close()
-        if writer is not None:
-            writer.close()
-    checkpointer.close()
+        for m in members:
+            m.close()
 
-    if math.isnan(eval_loss):  # resumed after the final step: evaluate the restored state
-        eval_loss = evaluate(trainer, state, eval_batches)
-    summary = _summary_row(
-        cfg,
-        accounting,
-        {
-            "eval_loss": eval_loss,
-            "eval_bpb": eval_loss / math.log(2),
-            "train_loss": train_loss,
-            "wall_time_s": wall_before + time.perf_counter() - t_start,
-            "data_fingerprint": fingerprint,
-            "status": "done",
-        },
-    )
+    live = [k for k, m in enumerate(members) if not m.failed]
+    if live and any(math.isnan(members[k].eval_loss) for k in live):
+        losses = eval_all(state)  # resumed after the final step: evaluate the restored state
+        for k in live:
+            members[k].eval_loss = float(losses[k])
+    summaries: list[dict | None] = [None] * len(members)
+    for k in live:
+        m = members[k]
+        summaries[k] = _summary_row(
+            m.cfg,
+            m.accounting,
+            {
+                "eval_loss": m.eval_loss,
+                "eval_bpb": m.eval_loss / math.log(2),
+                "train_loss": m.train_loss,
+                "wall_time_s": wall_before + time.perf_counter() - t_start,
+                "data_fingerprint": m.fingerprint,
+                "status": "done",
+            },
+        )
+        if is_main:
+            ckpt.write_json_atomic(m.workdir / "summary.json", summaries[k])
+    return summaries
+
+
+def _fail(member: _Member, error: str, is_main: bool) -> None:
+    member.failed = True
+    member.close()
+    log.error("%s: %s", member.workdir, error)
     if is_main:
-        ckpt.write_json_atomic(workdir / "summary.json", summary)
-    return summary
+        ckpt.write_json_atomic(
+            member.workdir / "failed.json", {"error": error, "step": member.last_good}
+        )
 
 
 def estimate_cost(config) -> dict:

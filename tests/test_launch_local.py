@@ -122,7 +122,8 @@ def test_sweep_survives_kill_reports_failure_and_collects(tmp_path):
     # 2. relaunch: completes; the diverging run fails twice (1 retry) with the trainer's error
     done = launch(*args)
     assert done.returncode == 1, done.stderr  # one run failed
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted([*ok, nan, long])
+    runs = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert sorted(runs) == sorted([*ok, nan, long])
     for run_id, sparsity in zip(ok, (0.5, 0.75), strict=True):  # not re-run, files untouched
         assert (root / run_id / "summary.json").read_bytes() == finished[run_id]
         assert (root / run_id / "summary.json").stat().st_mtime_ns == mtimes[run_id]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from launch import state, status
+from launch import stacking, state, status
 from launch.sweep import Run, Sweep, SweepError, save_sweep, trainer_command
 
 THREADS_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "threads.json"
@@ -31,6 +31,7 @@ class LocalOptions:
     max_retries: int = 2
     refresh_s: float = 2.0
     poll_s: float = 0.25
+    max_stack: int | None = None  # runs per stacked process; None: measured; 1: no stacking
 
 
 def available_cpus() -> list[int]:
@@ -85,12 +86,17 @@ def open_logs(workdir: Path, attempt: int, suffix: str = "") -> tuple[IO[str], I
 
 @dataclasses.dataclass
 class _Active:
-    run: Run
-    attempt: int
+    runs: list[Run]  # more than one: a stacked job (`python -m sparsescale.stack`)
+    attempts: list[int]
     process: subprocess.Popen
-    logs: tuple[IO[str], IO[str]]
+    logs: list[IO[str]]
     started: float
     slot: int
+    stderr: Path | None = None  # a stacked job's own stderr log
+
+    @property
+    def name(self) -> str:
+        return self.runs[0].run_id if len(self.runs) == 1 else stacking.stack_id(self.runs)
 
 
 def _needs_work(s: state.RunStatus, max_retries: int) -> bool:
@@ -136,15 +142,18 @@ def run_local(sweep: Sweep, root: Path, options: LocalOptions, out: IO[str] = sy
         cpus = available_cpus()
         slots = [cpus[i * options.threads : (i + 1) * options.threads] for i in range(options.jobs)]
         statuses = {s.run_id: s for s in status.sweep_statuses(root, record)}
-        queue = [r for r in sweep.runs if _needs_work(statuses[r.run_id], options.max_retries)]
+        todo = [r for r in sweep.runs if _needs_work(statuses[r.run_id], options.max_retries)]
         for r in sweep.runs:
             s = statuses[r.run_id]
             if s.status in (state.RUNNING, state.QUEUED):
                 printer.event(f"{r.run_id}: {s.status} elsewhere, not started here")
-            elif s.status == state.FAILED and r not in queue:
+            elif s.status == state.FAILED and r not in todo:
                 printer.event(f"{r.run_id}: failed {s.failures} times (max retries reached)")
+        queue = stacking.plan(sweep, todo, root, options.jobs, options.max_stack)
+        stacked = sum(len(q) for q in queue if len(q) > 1)
         printer.event(
-            f"{len(queue)} of {len(sweep.runs)} runs to do; {options.jobs} jobs × "
+            f"{len(todo)} of {len(sweep.runs)} runs to do ({stacked} of them in "
+            f"{sum(len(q) > 1 for q in queue)} stacked jobs); {options.jobs} jobs × "
             f"{options.threads} threads"
         )
         active: list[_Active] = []
@@ -155,24 +164,28 @@ def run_local(sweep: Sweep, root: Path, options: LocalOptions, out: IO[str] = sy
                     active.remove(job)
                     for f in job.logs:
                         f.close()
-                    attempt = state.finish_attempt(
-                        root / job.run.run_id, job.attempt, job.process.returncode, job.started
-                    )
-                    if attempt["outcome"] == state.DONE:
-                        printer.event(f"{job.run.run_id}: done")
-                        continue
-                    failures[job.run.run_id] += 1
-                    retry = failures[job.run.run_id] <= options.max_retries
-                    printer.event(
-                        f"{job.run.run_id}: failed ({attempt['error']})"
-                        + (", will retry" if retry else ", no retries left")
-                    )
-                    if retry:
-                        queue.append(job.run)
+                    retry = []
+                    for run, n in zip(job.runs, job.attempts, strict=True):
+                        attempt = state.finish_attempt(
+                            root / run.run_id, n, job.process.returncode, job.started, job.stderr
+                        )
+                        if attempt["outcome"] == state.DONE:
+                            printer.event(f"{run.run_id}: done")
+                            continue
+                        failures[run.run_id] += 1
+                        again = failures[run.run_id] <= options.max_retries
+                        printer.event(
+                            f"{run.run_id}: failed ({attempt['error']})"
+                            + (", will retry" if again else ", no retries left")
+                        )
+                        if again:
+                            retry.append(run)
+                    if retry:  # a subset of a stack is still a stack
+                        queue.append(retry)
                 free = sorted(set(range(options.jobs)) - {j.slot for j in active})
                 while queue and free:
                     active.append(_start(sweep, queue.pop(0), root, slots, free.pop(0)))
-                    printer.event(f"{active[-1].run.run_id}: started attempt {active[-1].attempt}")
+                    printer.event(f"{active[-1].name}: started")
                 printer.table(root, record)
                 time.sleep(options.poll_s)
         finally:
@@ -183,23 +196,47 @@ def run_local(sweep: Sweep, root: Path, options: LocalOptions, out: IO[str] = sy
     return sum(s.status == state.FAILED for s in final)
 
 
-def _start(sweep: Sweep, run: Run, root: Path, slots: list[list[int]], slot: int) -> _Active:
-    workdir = root / run.run_id
-    workdir.mkdir(parents=True, exist_ok=True)
+def _start(sweep: Sweep, runs: list[Run], root: Path, slots: list[list[int]], slot: int) -> _Active:
     cpus = slots[slot]
-    n = state.begin_attempt(workdir, "local", cpus=cpus)
-    logs = open_logs(workdir, n)
-    command = trainer_command(sweep, run, workdir, sys.executable)
-    logs[0].write(json.dumps(command) + "\n")
-    logs[0].flush()
+    workdirs = [root / r.run_id for r in runs]
+    attempts = []
+    for workdir in workdirs:
+        workdir.mkdir(parents=True, exist_ok=True)
+        attempts.append(state.begin_attempt(workdir, "local", cpus=cpus, stacked=len(runs)))
+    logs = [f for w, n in zip(workdirs, attempts, strict=True) for f in open_logs(w, n)]
+    stderr = None
+    if len(runs) == 1:
+        command = trainer_command(sweep, runs[0], workdirs[0], sys.executable)
+        out, err = logs
+    else:
+        jobdir = root / ".stacks"
+        jobdir.mkdir(exist_ok=True)
+        name = stacking.stack_id(runs)
+        job = {
+            "runs": [
+                {"workdir": str(w), "config": stacking.job_config(sweep, r)}
+                for r, w in zip(runs, workdirs, strict=True)
+            ]
+        }
+        state.write_json_atomic(jobdir / f"{name}.json", job)
+        command = [sys.executable, "-m", "sparsescale.stack", str(jobdir / f"{name}.json")]
+        stderr = jobdir / f"{name}.stderr.log"
+        for f in logs:
+            f.write(f"stacked job of {len(runs)} runs; its output: {jobdir / name}.std*.log\n")
+            f.flush()
+        out, err = open(jobdir / f"{name}.stdout.log", "a"), open(stderr, "a")
+        logs += [out, err]
+    out.write(json.dumps(command) + "\n")
+    out.flush()
     started = time.time()
     process = subprocess.Popen(
         command,
-        stdout=logs[0],
-        stderr=logs[1],
+        stdout=out,
+        stderr=err,
         stdin=subprocess.DEVNULL,
         env=child_env(len(cpus)),
         preexec_fn=lambda: os.sched_setaffinity(0, cpus),
     )
-    state.mark_started(workdir, n, process.pid)
-    return _Active(run, n, process, logs, started, slot)
+    for workdir, n in zip(workdirs, attempts, strict=True):
+        state.mark_started(workdir, n, process.pid)
+    return _Active(runs, attempts, process, logs, started, slot, stderr)

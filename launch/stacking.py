@@ -1,0 +1,83 @@
+"""Group a sweep's runs into stacked jobs: one process trains K compatible runs in one vmapped
+step (`sparsescale.stack`). Which runs are compatible is the trainer's rule
+(`sparsescale.train.stack_groups`); how many to stack comes from `benchmarks/stacking.py`'s
+measurement (`benchmarks/results/stacking.json`), else `DEFAULT_MAX_STACK`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from launch import state
+from launch.sweep import Run, Sweep, apply_overrides
+
+STACKING_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "stacking.json"
+DEFAULT_MAX_STACK = 4
+
+
+def run_config(sweep: Sweep, run: Run):
+    """The trainer's RunConfig of `run`, as `python -m sparsescale.main` would build it."""
+    from sparsescale.config import run_config as to_run_config
+
+    return to_run_config(job_config(sweep, run))
+
+
+def job_config(sweep: Sweep, run: Run) -> dict:
+    i = sweep.runs.index(run)
+    ids = {"run_id": run.run_id, "experiment": sweep.experiment}
+    return apply_overrides(sweep.configs[i], ids, run.run_id).to_dict()
+
+
+def measured_max_stack(n_params: int, stacking_json: Path = STACKING_JSON) -> tuple[int, str]:
+    """(best runs per process, where it came from) for a model of `n_params` non-embedding
+    parameters: the measurement of the nearest measured size on this many cores."""
+    measured = state.read_json(stacking_json)
+    cores = len(__import__("os").sched_getaffinity(0))
+    if not measured or measured.get("cores") != cores or not measured.get("best"):
+        return DEFAULT_MAX_STACK, f"default ({stacking_json} has no measurement for {cores} cores)"
+    nearest = min(
+        measured["best"], key=lambda b: abs(math.log(b["n_params"]) - math.log(max(n_params, 1)))
+    )
+    return int(nearest["stack"]), f"measured for {nearest['model']} in {stacking_json}"
+
+
+def _split(group: list[Run], parts: int) -> list[list[Run]]:
+    size = math.ceil(len(group) / parts)
+    return [group[i : i + size] for i in range(0, len(group), size)]
+
+
+def plan(
+    sweep: Sweep, runs: Sequence[Run], root: Path, jobs: int, max_stack: int | None = None
+) -> list[list[Run]]:
+    """The jobs to start for `runs`: stacks of compatible fresh runs, each at most the measured
+    (or given) size, split further while there are fewer jobs than `jobs` slots. Runs that have
+    checkpoints resume alone, so no finished work is redone."""
+    from sparsescale import model as model_lib
+    from sparsescale import train
+
+    fresh = [r for r in runs if not any((root / r.run_id / "checkpoints").glob("[0-9]*"))]
+    planned = [[r] for r in runs if r not in fresh]
+    if max_stack == 1 or len(fresh) < 2:
+        return planned + [[r] for r in fresh]
+    cfgs = [run_config(sweep, r) for r in fresh]
+    chunks = []
+    for group in train.stack_groups(cfgs):
+        members = [fresh[i] for i in group]
+        cap = (
+            max_stack
+            or measured_max_stack(model_lib.param_counts(cfgs[group[0]].model)["non_embedding"])[0]
+        )
+        chunks += _split(members, math.ceil(len(members) / max(cap, 1)))
+    while len(chunks) + len(planned) < jobs and max(map(len, chunks)) > 1:
+        largest = max(chunks, key=len)
+        chunks.remove(largest)
+        chunks += _split(largest, 2)
+    return planned + sorted(chunks, key=len, reverse=True)
+
+
+def stack_id(runs: Sequence[Run]) -> str:
+    digest = hashlib.sha256(" ".join(r.run_id for r in runs).encode()).hexdigest()[:10]
+    return f"stack{len(runs)}_{digest}"
