@@ -3,8 +3,9 @@
 Command:  python -m experiments.reproduce fig5_extrapolate --preset quick
 Runtime:  reuses figure 1's runs (trains them if missing, ≈ 40 min quick); the fit takes ~1 min.
 Design:   the sparse scaling law L(S, N, D) of Frantar et al. fitted (Huber on log loss, bootstrap
-          over runs) to figure 1's scaled-budget runs without the largest size, then used to predict
-          every run of the largest size; predictions with 95% bootstrap intervals vs measurements.
+          over runs) to figure 1's runs without the largest size, then used to predict every run of
+          the largest size; predictions with 95% bootstrap intervals vs measurements. Two fits: the
+          scaled-budget runs only (N and D collinear), and both budgets together.
 Expected: the relative error of the extrapolation, whatever it is, reported per sparsity.
 """
 
@@ -35,28 +36,41 @@ def extrapolate(results: pd.DataFrame, n_boot: int = 100) -> pd.DataFrame:
     return held
 
 
+FIT_SETS = {
+    "scaled": "scaled token budgets only (N and D grow together)",
+    "both": "both budgets (scaled and fixed), so N and D vary independently",
+}
+
+
 def analyze(results, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
-    scaled = results[results["tag"] == "scaled"] if "tag" in results else results
     path = out_dir / "report.md"
-    try:
-        held = extrapolate(scaled)
-    except (ValueError, RuntimeError) as e:  # too few sizes or runs for the law
-        path.write_text(f"# Figure 5: extrapolation\n\nNot fitted: {e}\n")
-        return {"extrapolation": path}
-    figures.plot_extrapolation(held, out_dir / "extrapolation")
-    cols = ["model", "sparsity", "eval_loss", "predicted", "predicted_lo", "predicted_hi"]
-    table = held[cols + ["relative_error"]].sort_values("sparsity")
-    lines = [
-        "# Figure 5: extrapolation to the largest size",
-        "",
-        f"Fit on {len(scaled) - len(held)} runs of the smaller sizes (scaled token budgets); "
-        f"held out: {len(held)} runs of {held['model'].iloc[0]}. Mean |relative error| = "
-        f"{report_lib.fmt(float(np.abs(held['relative_error']).mean()))}.",
-        "",
-        report_lib._table(table),
-        "",
-        "![extrapolation](extrapolation.png)",
-    ]
+    lines = ["# Figure 5: extrapolation to the largest size", ""]
+    for name, what in FIT_SETS.items():
+        runs = results
+        if "tag" in results and name == "scaled":
+            runs = results[results["tag"] == "scaled"]
+        if name == "both" and ("tag" not in results or results["tag"].nunique() < 2):
+            continue
+        lines += [f"## Fit on {what}", ""]
+        try:
+            held = extrapolate(runs)
+        except (ValueError, RuntimeError) as e:  # too few sizes or runs for the law
+            lines += [f"Not fitted: {e}", ""]
+            continue
+        figures.plot_extrapolation(held, out_dir / f"extrapolation_{name}")
+        cols = ["model", "tag", "sparsity", "eval_loss", "predicted", "predicted_lo"]
+        cols = [c for c in [*cols, "predicted_hi", "relative_error"] if c in held]
+        table = held[cols].sort_values([c for c in ("tag", "sparsity") if c in held])
+        lines += [
+            f"Fit on {len(runs) - len(held)} runs of the smaller sizes; held out: {len(held)} "
+            f"runs of {held['model'].iloc[0]}. Mean |relative error| = "
+            f"{report_lib.fmt(float(np.abs(held['relative_error']).mean()))}.",
+            "",
+            report_lib._table(table),
+            "",
+            f"![extrapolation, {name}](extrapolation_{name}.png)",
+            "",
+        ]
     path.write_text("\n".join(lines) + "\n")
     return {"extrapolation": path}

@@ -210,7 +210,35 @@ def variant_inputs(cfgs: list[RunConfig], pruner: pruner_lib.Pruner) -> dict:
     }
 
 
-def build(cfg: RunConfig, devices=None, num_variants: int | None = None) -> Trainer:
+def _over_variants(fn: Callable, vmap_width: int | None, has_variant: bool = True) -> Callable:
+    """`fn(state, batch[, variant])` over the leading variant axis of a stacked state, sharing the
+    step counter. The variants run `vmap_width` at a time (`lax.map`): on CPU one at a time is the
+    fastest (a vmapped step's working set outgrows the caches), wider suits accelerators."""
+
+    def stacked(state, batch, variants=None):
+        step = state["step"]
+
+        def one(xs):
+            per, b, v = xs
+            out = fn({**per, "step": step}, b, v) if has_variant else fn({**per, "step": step}, b)
+            if not has_variant:
+                return out
+            new, metrics = out
+            return {k: x for k, x in new.items() if k != "step"}, metrics
+
+        per_variant = {k: x for k, x in state.items() if k != "step"}
+        out = jax.lax.map(one, (per_variant, batch, variants), batch_size=vmap_width)
+        if not has_variant:
+            return out
+        new, metrics = out
+        return {**new, "step": step + 1}, metrics
+
+    return stacked
+
+
+def build(
+    cfg: RunConfig, devices=None, num_variants: int | None = None, vmap_width: int | None = None
+) -> Trainer:
     """Compiled init/step/eval for `cfg`; with `num_variants=K`, for K stacked variants of it
     (vmapped over a leading axis; init and step then take `variant_inputs(...)`)."""
     mesh = shard_lib.make_mesh(cfg.mesh, devices)
@@ -375,13 +403,13 @@ def build(cfg: RunConfig, devices=None, num_variants: int | None = None) -> Trai
         batch_sharding = _stacked_sharding(batch_sharding)
         init_fn = jax.jit(jax.vmap(init, out_axes=STACK_AXES), out_shardings=state_shardings)
         step_fn = jax.jit(
-            jax.vmap(train_step, in_axes=(STACK_AXES, 0, 0), out_axes=(STACK_AXES, 0)),
+            _over_variants(train_step, vmap_width),
             in_shardings=(state_shardings, batch_sharding, replicated),
             out_shardings=(state_shardings, replicated),
             donate_argnums=0,
         )
         eval_fn = jax.jit(
-            jax.vmap(eval_step, in_axes=(STACK_AXES, 0)),
+            _over_variants(lambda st, b: eval_step(st, b), vmap_width, has_variant=False),
             in_shardings=(state_shardings, batch_sharding),
             out_shardings=replicated,
         )
