@@ -162,6 +162,37 @@ def plot_loss_gap(
     return save(fig, path)
 
 
+def plot_task_gaps(df: pd.DataFrame, path=None) -> plt.Figure:
+    """Measured ΔL vs total size per sparsity, one panel per task (column `task`)."""
+    tasks = sorted(set(df["task"]))
+    levels = sorted(set(df.loc[df["sparsity"] > 0, "sparsity"]))
+    colors = _sparsity_colors(levels)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        gaps = derived.raw_loss_gap(df[df["task"] == task])
+        for s in levels:
+            pts = gaps[gaps["sparsity"] == s].sort_values("n_params_total")
+            ax.errorbar(
+                pts["n_params_total"],
+                pts["gap"],
+                yerr=pts["loss_std"].fillna(0).to_numpy(),
+                fmt="o-",
+                ms=4,
+                color=colors[s],
+                label=f"S={s:g}",
+            )
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        _readable_log_axes(ax)
+        ax.set_title(task)
+        ax.set_xlabel("total parameters")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("ΔL = L(sparse) − L(dense)  [nats/byte]")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def plot_tolerance(
     df: pd.DataFrame,
     fit: FitResult | None = None,

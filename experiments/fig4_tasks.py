@@ -73,7 +73,32 @@ def get_sweep(arg: str = "quick"):
 
 
 def analyze(results, out_dir):
-    return {
+    from analysis import derived, figures
+    from analysis import report as report_lib
+
+    tasks = sorted(set(results.get("task", [])))
+    reports = {
         task: common.report(results[results["task"] == task], out_dir / task, f"Figure 4, {task}")
-        for task in sorted(set(results.get("task", [])))
+        for task in tasks
     }
+    if len(tasks) > 1:
+        figures.plot_task_gaps(results, out_dir / "task_gaps")
+        gaps = [derived.raw_loss_gap(results[results["task"] == t]).assign(task=t) for t in tasks]
+        table = __import__("pandas").concat(gaps)[
+            ["task", "n_params_total", "tokens", "sparsity", "dense_loss", "gap"]
+        ]
+        lines = [
+            "# Figure 4: the loss gap per task",
+            "",
+            "Measured ΔL = L(sparse) − L(dense) at equal size and tokens, per task "
+            f"({', '.join(tasks)}); each task's full report (fits, S*) is linked below.",
+            "",
+            report_lib._table(table),
+            "",
+            "![loss gap per task](task_gaps.png)",
+            "",
+            *[f"- [{t}]({t}/report.md)" for t in tasks],
+        ]
+        (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+        reports["tasks"] = out_dir / "report.md"
+    return reports

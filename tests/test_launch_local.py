@@ -92,6 +92,7 @@ def test_sweep_survives_kill_reports_failure_and_collects(tmp_path):
         "sparsity-0.5_steps-100",
     )
     args = ["run", f"{exp}:smoke", "--root", str(root), "--jobs", "2", "--max-retries", "1"]
+    args += ["--stack", "4"]  # the two short runs differ only in sparsity: one stacked job
 
     # 1. launch in its own process group; SIGKILL launcher and trainers once the long run has two
     #    committed checkpoints (the short runs are done by then)
@@ -128,6 +129,7 @@ def test_sweep_survives_kill_reports_failure_and_collects(tmp_path):
         assert (root / run_id / "summary.json").read_bytes() == finished[run_id]
         assert (root / run_id / "summary.json").stat().st_mtime_ns == mtimes[run_id]
         assert [a["outcome"] for a in attempts(root, run_id)] == ["done"]
+        assert attempts(root, run_id)[0]["stacked"] == 2
         summary = state.read_json(root / run_id / "summary.json")
         assert summary["run_id"] == run_id and summary["experiment"] == "launchtest"
         assert summary["sparsity"] == sparsity and summary["steps"] == 10
