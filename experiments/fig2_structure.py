@@ -8,6 +8,9 @@ Design:   at 50% sparsity: unstructured, 1:2, 2:4, 5:10, 50:100, blocks 4×4 and
           d_model a multiple of 200 so every kernel admits every group size.
 Expected: penalty over unstructured shrinking as the group size m grows (more freedom), and
           blocks costing more than N:M at equal sparsity; per size, as measured.
+Measured (quick, 2 seeds, 583K / 1.06M params): at 50%, 1:2 0.021/0.013 nats, 2:4 0.013/0.010,
+          5:10 0.007/0.003, 50:100 0.004/0.001; at 75%, 1:4 0.033/0.022, 2:8 0.018/0.009; blocks
+          4×4 0.058/0.038 and 20×20 0.106/0.084 at 75%. Smaller at the larger size throughout.
 """
 
 from experiments import common

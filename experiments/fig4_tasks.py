@@ -6,6 +6,9 @@ Design:   the tolerance curve of figure 1 (scaled token budgets, same matched sc
           of different difficulty: the stdlib code corpus, and a synthetic Markov language whose
           entropy rate (the irreducible loss) is known exactly (1.0 nats/byte, order 2).
 Expected: a different S*(N) per task; which task tolerates more is what the data say.
+Measured (quick, 1 seed): code corpus ΔL(93.75%) flat in size (0.38 / 0.47 / 0.42 nats); the
+          synthetic language's gap jumps to 1.60 nats at 330K, where the dense model has learned
+          the Markov structure (loss 1.45 vs entropy 1.0) and the 93.75% one has not (3.06).
 """
 
 from experiments import common

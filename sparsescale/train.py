@@ -702,7 +702,8 @@ def run_stack(
             states.append(restored)
             walls.append(float(meta.get("wall_time_s", 0.0)))
         state, wall_before = trainer.stack_states(states), max(walls)
-        log.info("Resumed %d run(s) from step %d in %s", len(members), start, workdirs[0])
+        where = ", ".join(str(w) for w in workdirs)
+        log.info("Resumed from step %d in %s", start, where)
     for m in members:
         m.last_good = start
         if is_main:  # drop lines a killed attempt logged after its last checkpoint

@@ -151,7 +151,7 @@ def test_killed_stacked_job_resumes_every_variant_exactly(tmp_path):
     assert not (last / "summary.json").exists()
     done = subprocess.run(cmd(job), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Resumed 3 run(s) from step" in done.stderr
+    assert "Resumed from step" in done.stderr
 
     for i in range(len(VARIANTS)):
         ref, got = tmp_path / "ref" / f"v{i}", tmp_path / "killed" / f"v{i}"
