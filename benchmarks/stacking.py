@@ -30,6 +30,7 @@ SPARSITIES = (0.0, 0.5, 0.75, 0.875, 0.9375)
 def worker(preset: str, stack: int, steps: int, batch_size: int) -> dict:
     t0 = time.perf_counter()
     import jax
+    import numpy as np
 
     from experiments import common
     from launch.sweep import apply_overrides
@@ -59,7 +60,7 @@ def worker(preset: str, stack: int, steps: int, batch_size: int) -> dict:
         variants = train.variant_inputs(cfgs, trainer.pruner)
         state = trainer.init_fn(variants)
         step = lambda s: trainer.step_fn(  # noqa: E731
-            s, train.global_batch(trainer, __import__("numpy").stack([next(it)] * stack)), variants
+            s, train.global_batch(trainer, np.stack([next(it)] * stack)), variants
         )
     else:
         state = trainer.init_fn()

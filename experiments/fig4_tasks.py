@@ -76,6 +76,8 @@ def get_sweep(arg: str = "quick"):
 
 
 def analyze(results, out_dir):
+    import pandas as pd
+
     from analysis import derived, figures
     from analysis import report as report_lib
 
@@ -87,7 +89,7 @@ def analyze(results, out_dir):
     if len(tasks) > 1:
         figures.plot_task_gaps(results, out_dir / "task_gaps")
         gaps = [derived.raw_loss_gap(results[results["task"] == t]).assign(task=t) for t in tasks]
-        table = __import__("pandas").concat(gaps)[
+        table = pd.concat(gaps)[
             ["task", "n_params_total", "tokens", "sparsity", "dense_loss", "gap"]
         ]
         lines = [

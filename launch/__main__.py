@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--stack",
         type=int,
-        help="local: most runs trained together in one vmapped process (default: measured; 1: off)",
+        help="local: most runs trained together in one process (default: measured; 1: off)",
     )
     run.add_argument("--refresh", type=float, default=2.0, help="local: table refresh seconds")
     run.add_argument("--partition", help="slurm: partition")

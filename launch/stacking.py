@@ -1,4 +1,4 @@
-"""Group a sweep's runs into stacked jobs: one process trains K compatible runs in one vmapped
+"""Group a sweep's runs into stacked jobs: one process trains K compatible runs in one compiled
 step (`sparsescale.stack`). Which runs are compatible is the trainer's rule
 (`sparsescale.train.stack_groups`); how many to stack comes from `benchmarks/stacking.py`'s
 measurement (`benchmarks/results/stacking.json`), else `DEFAULT_MAX_STACK`.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def measured_max_stack(n_params: int, stacking_json: Path = STACKING_JSON) -> tu
     """(best runs per process, where it came from) for a model of `n_params` non-embedding
     parameters: the measurement of the nearest measured size on this many cores."""
     measured = state.read_json(stacking_json)
-    cores = len(__import__("os").sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
     if not measured or measured.get("cores") != cores or not measured.get("best"):
         return DEFAULT_MAX_STACK, f"default ({stacking_json} has no measurement for {cores} cores)"
     nearest = min(

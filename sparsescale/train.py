@@ -240,7 +240,7 @@ def build(
     cfg: RunConfig, devices=None, num_variants: int | None = None, vmap_width: int | None = None
 ) -> Trainer:
     """Compiled init/step/eval for `cfg`; with `num_variants=K`, for K stacked variants of it
-    (vmapped over a leading axis; init and step then take `variant_inputs(...)`)."""
+    (a leading variant axis; init and step then take `variant_inputs(...)`, see `_over_variants`)."""
     mesh = shard_lib.make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.rules
 
@@ -394,7 +394,7 @@ def build(
         eval_fn = jax.jit(
             eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
         )
-    else:  # the step counter is shared, so mask-update conds stay conds under vmap
+    else:  # the step counter is shared, so mask-update conds stay conds over the variants
         is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)
         state_shardings = {
             k: v if k == "step" else jax.tree.map(_stacked_sharding, v, is_leaf=is_sharding)
@@ -409,7 +409,7 @@ def build(
             donate_argnums=0,
         )
         eval_fn = jax.jit(
-            _over_variants(lambda st, b: eval_step(st, b), vmap_width, has_variant=False),
+            _over_variants(eval_step, vmap_width, has_variant=False),
             in_shardings=(state_shardings, batch_sharding),
             out_shardings=replicated,
         )
