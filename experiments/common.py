@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sparsity.n = 2
     c.sparsity.m = 4
     c.sparsity.block = (16, 16)
+    c.sparsity.balanced = False  # block: same number of blocks in every block-column
+    c.sparsity.impl = "masked"  # masked | block (block-sparse execution, see PruningConfig)
+    c.sparsity.switch_density = ml_collections.FieldReference(None, field_type=float)
     c.sparsity.allocation = "uniform"
     c.sparsity.method = "magnitude"
     c.sparsity.seed = 0

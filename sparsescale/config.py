@@ -43,7 +43,12 @@ def run_config(config: ml_collections.ConfigDict) -> RunConfig:
     s = dict(c["sparsity"])
     schedule = sp.Schedule(**_fields(sp.Schedule, dict(s.pop("schedule")), "sparsity.schedule"))
     structure = sp.structure_from_config(
-        s.pop("structure"), s.pop("sparsity"), s.pop("n"), s.pop("m"), tuple(s.pop("block"))
+        s.pop("structure"),
+        s.pop("sparsity"),
+        s.pop("n"),
+        s.pop("m"),
+        tuple(s.pop("block")),
+        s.pop("balanced", False),
     )
     s["include"] = tuple(s.get("include", sp.DEFAULT_INCLUDE))
     s["exclude"] = tuple(s.get("exclude", sp.DEFAULT_EXCLUDE))

@@ -44,6 +44,10 @@ class SparseLinear(nnx.Module):
     CPU, the structure's Pallas kernel on TPU/GPU). The compressed impls pack kernel and mask on
     every call (differentiable), so training with a fixed mask runs through the kernel; a tile
     configuration that cannot compile is rejected here, at construction.
+
+    `block_budget` (block impls): tiles kept per block-column, which fixes the packed shapes, so
+    the mask may change under jit without recompiling as long as no block-column keeps more
+    (None: all Kb tiles, no saving). The work is ∝ budget / Kb; see `use_block_path`.
     """
 
     def __init__(
@@ -62,13 +66,13 @@ class SparseLinear(nnx.Module):
         impl: str = "masked",
         structure: sp.Structure | None = None,
         rows_hint: int = 1024,
+        block_budget: int | None = None,
         rngs: nnx.Rngs,
     ):
         self.in_features, self.out_features = in_features, out_features
         self.dtype, self.precision, self.dense_grad = dtype, precision, dense_grad
-        self.impl, self.structure = _resolve_impl(
-            impl, structure, (in_features, out_features), dtype or param_dtype, rows_hint
-        )
+        self.rows_hint = rows_hint
+        self.set_impl(impl, structure, block_budget, param_dtype)
         axes = {} if kernel_axes is None else {"out_sharding": tuple(kernel_axes)}
         kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
         self.kernel = nnx.Param(kernel, **axes)
@@ -79,6 +83,28 @@ class SparseLinear(nnx.Module):
             if use_bias
             else None
         )
+
+    def set_impl(
+        self,
+        impl: str,
+        structure: sp.Structure | None = None,
+        block_budget: int | None = None,
+        param_dtype=jnp.float32,
+    ) -> None:
+        """Switches how the product runs (validated as at construction; weights untouched)."""
+        shape = (self.in_features, self.out_features)
+        self.impl, self.structure = _resolve_impl(
+            impl, structure, shape, self.dtype or param_dtype, self.rows_hint
+        )
+        if block_budget is not None:
+            is_block = self.impl in ("xla_block", "pallas_block")
+            kb = shape[0] // self.structure.block[0] if is_block else 0
+            if not 1 <= block_budget <= kb:
+                raise ValueError(
+                    f"SparseLinear: block_budget={block_budget} needs a block impl and must be "
+                    f"in [1, {kb}] (block-rows of the kernel), got impl={self.impl!r}."
+                )
+        self.block_budget = block_budget
 
     def effective_kernel(self) -> jax.Array:
         return masked_kernel(self.kernel[...], self.mask[...], self.dense_grad)
@@ -93,7 +119,9 @@ class SparseLinear(nnx.Module):
             x, kernel, bias = nnx_dtypes.promote_dtype(
                 (x, self.kernel[...], bias), dtype=self.dtype
             )
-            y = _compressed_matmul(self.impl, self.structure, x, kernel, self.mask[...])
+            y = _compressed_matmul(
+                self.impl, self.structure, x, kernel, self.mask[...], self.block_budget
+            )
         return y if bias is None else y + bias
 
     def to_dense(self) -> jax.Array:
@@ -153,8 +181,9 @@ def _resolve_impl(impl, structure, shape, dtype, rows_hint):
     return impl, structure
 
 
-def _compressed_matmul(impl, structure, x, kernel_KxN, mask_KxN):
+def _compressed_matmul(impl, structure, x, kernel_KxN, mask_KxN, block_budget=None):
     from sparsescale import kernels
+    from sparsescale.kernels import xla_block
 
     lead, k = x.shape[:-1], x.shape[-1]
     x_MxK = x.reshape(-1, k)
@@ -162,14 +191,17 @@ def _compressed_matmul(impl, structure, x, kernel_KxN, mask_KxN):
         y = kernels.nm_matmul(
             x_MxK, kernels.pack_nm(kernel_KxN, mask_KxN, structure.n, structure.m)
         )
-    else:
-        # Worst-case tile budgets (all tiles), so a changing mask never changes shapes.
+    elif impl == "xla_block":
+        budget = block_budget or k // structure.block[0]
+        values, rows, counts = xla_block.pack_columns(kernel_KxN, mask_KxN, structure.block, budget)
+        y = xla_block.block_columns_matmul(x_MxK, values, rows, counts)
+    else:  # pallas_block; the row budget (transposed tables for dX) stays worst-case
         bh, bw = structure.block
+        budget = block_budget or k // bh
         packed = kernels.pack_block(
-            kernel_KxN, mask_KxN, structure.block, k // bh, kernel_KxN.shape[1] // bw
+            kernel_KxN, mask_KxN, structure.block, budget, kernel_KxN.shape[1] // bw
         )
-        op = kernels.block_matmul if impl == "pallas_block" else kernels.xla_block_matmul
-        y = op(x_MxK, packed)
+        y = kernels.block_matmul(x_MxK, packed)
     return y.reshape(*lead, -1)
 
 
@@ -230,6 +262,21 @@ def sparsify(
         else:
             setattr(parent, key, layer)
     return selected
+
+
+def use_block_path(model: nnx.Module, budgets: dict[str, int], structure: sp.Block) -> None:
+    """Runs the named SparseLinear layers ({layer path: tiles per block-column}) through the
+    block-sparse path of this backend: gathered XLA on CPU, the Pallas kernel on TPU/GPU. The
+    masks must keep no more than the budget in any block-column while this holds."""
+    impl = "xla_block" if jax.default_backend() == "cpu" else "pallas_block"
+    layers = sparse_layers(model)
+    for name, budget in budgets.items():
+        if name not in layers:
+            raise ValueError(
+                f"block-sparse execution runs SparseLinear layers only; {name!r} is not one "
+                f"(e.g. stacked MoE experts: use sparsity.impl='masked' or exclude it)."
+            )
+        layers[name].set_impl(impl, structure, int(budget))
 
 
 def sparse_layers(model: nnx.Module) -> dict[str, SparseLinear]:

@@ -27,6 +27,13 @@ class PruningConfig:
     method: "magnitude" (prune by |w|), "random" (seeded random scores: static random sparsity
     with a constant schedule), "set" / "rigl" (dynamic sparse training; schedule kind "dynamic"),
     "srste" (N:M with sparse-refined straight-through estimator; dense weights keep training).
+
+    impl: how pruned layers execute. "masked": dense matmul of kernel ⊙ mask throughout. "block"
+    (block structures): the trainer switches them to the block-sparse path once every pruned
+    layer is at most `switch_density` dense (None: the break-even density measured for the block
+    size by benchmarks/block_sparse.py), and again at the final sparsity (two recompiles at most).
+    Same results as "masked" up to float rounding; balanced blocks (`Block(balanced=True)`) give
+    the tightest tile budget and so the most speed.
     """
 
     structure: sp.Structure | None = None
@@ -37,6 +44,8 @@ class PruningConfig:
     exclude: tuple[str, ...] = sp.DEFAULT_EXCLUDE
     srste_decay: float = 2e-4
     seed: int = 0
+    impl: str = "masked"
+    switch_density: float | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -50,6 +59,17 @@ class PruningConfig:
             raise ValueError("srste needs an N:M structure.")
         if self.allocation == "global" and isinstance(self.structure, sp.NM):
             raise ValueError("N:M sparsity is per group; use allocation 'uniform' with N:M.")
+        if self.impl not in ("masked", "block"):
+            raise ValueError(f"Unknown sparsity impl {self.impl!r}; expected 'masked' or 'block'.")
+        if self.impl == "block" and not isinstance(self.structure, sp.Block):
+            raise ValueError(f"impl 'block' needs a block structure, got {self.structure}.")
+        if self.switch_density is not None and not 0.0 < self.switch_density <= 1.0:
+            raise ValueError(f"switch_density must be in (0, 1], got {self.switch_density}.")
+        balanced = isinstance(self.structure, sp.Block) and self.structure.balanced
+        if balanced and self.allocation == "global":
+            raise ValueError(
+                "balanced blocks are per block-column; use allocation 'uniform'/'erk'."
+            )
         if self.allocation not in ("uniform", "erk", "global"):
             raise ValueError(
                 f"Unknown allocation {self.allocation!r}; expected 'uniform', 'erk' or 'global'."

@@ -130,10 +130,16 @@ class NM:
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    """Keep or remove whole (bh, bw) blocks of the [K, N] kernel by block L2 norm of the scores."""
+    """Keep or remove whole (bh, bw) blocks of the [K, N] kernel by block L2 norm of the scores.
+
+    `balanced=True` keeps the same number of blocks in every block-column (the top
+    Kb − round(sparsity·Kb) of each column), so a block-sparse kernel has a fixed tile budget per
+    column: what the block execution path (`SparseLinear(impl="xla_block")`) runs at full speed.
+    """
 
     sparsity: float
     block: tuple[int, int] = (16, 16)
+    balanced: bool = False
 
     def __post_init__(self):
         _check_sparsity(self.sparsity, "Block")
@@ -153,6 +159,12 @@ class Block:
                 f"{where}: block {self.block} does not divide the kernel shape {tuple(shape)} "
                 f"(need K % {bh} == 0 and N % {bw} == 0)."
             )
+        kb = shape[-2] // bh
+        if self.balanced and kb - int(np.floor(self.sparsity * kb + 0.5)) < 1:
+            raise ValueError(
+                f"{where}: balanced block sparsity {self.sparsity} of {kb} block-rows per column "
+                f"(K={shape[-2]}, bh={bh}) keeps no block; use a lower sparsity or smaller bh."
+            )
 
     def block_scores(self, scores: jax.Array) -> jax.Array:
         *lead, k, n = scores.shape
@@ -167,14 +179,24 @@ class Block:
     def mask(self, scores: jax.Array, sparsity: jax.Array | float | None = None) -> jax.Array:
         sparsity = self.sparsity if sparsity is None else sparsity
         blocks = self.block_scores(scores)
-        return self.expand(topk_mask(blocks, blocks.size - num_removed(sparsity, blocks.size)))
+        if not self.balanced:
+            return self.expand(topk_mask(blocks, blocks.size - num_removed(sparsity, blocks.size)))
+        kb = blocks.shape[-2]
+        order = jnp.argsort(-blocks, axis=-2, stable=True)  # ties: lower block-row first
+        rank = jnp.argsort(order, axis=-2, stable=True)
+        return self.expand(rank < kb - num_removed(sparsity, kb))
 
 
 Structure = Unstructured | NM | Block
 
 
 def structure_from_config(
-    kind: str, sparsity: float = 0.0, n: int = 2, m: int = 4, block: Sequence[int] = (16, 16)
+    kind: str,
+    sparsity: float = 0.0,
+    n: int = 2,
+    m: int = 4,
+    block: Sequence[int] = (16, 16),
+    balanced: bool = False,
 ) -> Structure | None:
     """Builds a structure from flat config values; `kind="dense"` gives None."""
     if kind == "dense":
@@ -184,7 +206,7 @@ def structure_from_config(
     if kind == "nm":
         return NM(int(n), int(m))
     if kind == "block":
-        return Block(float(sparsity), tuple(block))
+        return Block(float(sparsity), tuple(block), bool(balanced))
     raise ValueError(
         f"Unknown sparsity structure {kind!r}; expected 'dense', 'unstructured', 'nm' or 'block'."
     )
@@ -384,7 +406,8 @@ def describe(structure: Structure | None) -> str:
     if isinstance(structure, NM):
         return f"nm{structure.n}:{structure.m}"
     if isinstance(structure, Block):
-        return f"block{structure.block[0]}x{structure.block[1]}@{structure.sparsity:g}"
+        kind = "bcol" if structure.balanced else "block"
+        return f"{kind}{structure.block[0]}x{structure.block[1]}@{structure.sparsity:g}"
     return f"unstructured@{structure.sparsity:g}"
 
 

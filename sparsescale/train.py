@@ -3,10 +3,13 @@
 The model is split once (`nnx.split`); the step takes and returns a plain pytree
 `{params, masks, rest, opt, step}` of pure dicts, merges the model inside, and differentiates the
 `nnx.Param` state only. Mask updates happen inside the step (a traced schedule, no recompiles).
+With `sparsity.impl = "block"` the loop rebuilds the step at most twice (`block_phase_steps`) to
+run pruned layers block-sparse; the state and checkpoints keep one layout throughout.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -28,7 +31,7 @@ from sparsescale import model as model_lib
 from sparsescale import pruner as pruner_lib
 from sparsescale import sharding as shard_lib
 from sparsescale import sparsity as sp
-from sparsescale.layers import Mask
+from sparsescale.layers import Mask, use_block_path
 
 log = logging.getLogger("sparsescale")
 
@@ -237,15 +240,24 @@ def _over_variants(fn: Callable, vmap_width: int | None, has_variant: bool = Tru
 
 
 def build(
-    cfg: RunConfig, devices=None, num_variants: int | None = None, vmap_width: int | None = None
+    cfg: RunConfig,
+    devices=None,
+    num_variants: int | None = None,
+    vmap_width: int | None = None,
+    block_budgets: dict[str, int] | None = None,
 ) -> Trainer:
     """Compiled init/step/eval for `cfg`; with `num_variants=K`, for K stacked variants of it
-    (a leading variant axis; init and step then take `variant_inputs(...)`, see `_over_variants`)."""
+    (a leading variant axis; init and step then take `variant_inputs(...)`, see `_over_variants`).
+    `block_budgets` ({layer path: tiles per block-column}) runs those layers block-sparse (see
+    `block_budgets_of`); the state layout does not change."""
     mesh = shard_lib.make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.rules
 
     def fresh_model(seed=cfg.optim.seed):
-        return model_lib.Transformer(cfg.model, rngs=nnx.Rngs(seed))
+        model = model_lib.Transformer(cfg.model, rngs=nnx.Rngs(seed))
+        if block_budgets:
+            use_block_path(model, block_budgets, cfg.pruning.structure)
+        return model
 
     abstract = nnx.eval_shape(fresh_model)
     graphdef, params_t, masks_t, rest_t = nnx.split(abstract, nnx.Param, Mask, ...)
@@ -543,9 +555,12 @@ def _stack_key(cfg: RunConfig) -> tuple[str, str | None]:
 
 
 def _joins_dense(cfg: RunConfig) -> bool:
-    """Whether a dense run can ride in a stack of `cfg` as the same recipe at 0% sparsity."""
-    return isinstance(cfg.pruning.structure, sp.Unstructured | sp.Block) and (
-        cfg.pruning.method in ("magnitude", "random")
+    """Whether a dense run can ride in a stack of `cfg` as the same recipe at 0% sparsity (not
+    with block-sparse execution: a dense member would keep the whole stack masked)."""
+    return (
+        isinstance(cfg.pruning.structure, sp.Unstructured | sp.Block)
+        and cfg.pruning.method in ("magnitude", "random")
+        and cfg.pruning.impl == "masked"
     )
 
 
@@ -616,6 +631,65 @@ def _data_key(cfg: RunConfig) -> str:
     return json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
 
 
+def block_phase_steps(cfgs: list[RunConfig], pruner: pruner_lib.Pruner) -> list[int]:
+    """Steps at which the loop (re)builds the step with block-sparse layers (`impl="block"`): the
+    first step whose masks are at most `switch_density` dense in every pruned layer of every run,
+    and the first at the final sparsity. Empty: masked throughout."""
+    base = cfgs[0].pruning
+    if base.impl != "block" or not pruner.paths:
+        return []
+    total = cfgs[0].optim.steps
+    switch = base.switch_density
+    if switch is None:
+        from sparsescale.kernels import xla_block
+
+        switch = xla_block.break_even_density(base.structure.block)
+    steps = np.arange(total)
+    updates = np.asarray(pruner.is_update(jnp.asarray(steps)))
+    fraction_at = np.asarray(pruner.sparsity_fraction(jnp.asarray(steps)), np.float64)
+    # Masks in force during step t come from the last update before t (or from init).
+    last = np.maximum.accumulate(np.where(updates, steps, -1))
+    before = np.concatenate([[-1], last[:-1]])
+    initial = 1.0 if base.schedule.kind in ("constant", "dynamic") else 0.0
+    in_force = np.where(before >= 0, fraction_at[np.maximum(before, 0)], initial)
+    least_sparse = min(
+        min(pruner_lib.Pruner(c.pruning, pruner.shapes, total).final_sparsity.values())
+        if c.pruning.structure is not None
+        else 0.0
+        for c in cfgs
+    )
+    density = 1.0 - in_force * least_sparse
+    out = []
+    for hit in (density <= switch + 1e-9, in_force >= 1.0):
+        if hit.any() and density[np.argmax(hit)] <= switch + 1e-9:
+            out.append(int(np.argmax(hit)))
+    return sorted(set(out))
+
+
+def block_budgets_of(trainer: Trainer, state: dict) -> dict[str, int]:
+    """{layer path: most tiles any block-column keeps} over the pruned layers' current masks (and
+    all stacked variants): the tile budgets the block-sparse step needs from here on, since block
+    masks only lose tiles as training goes on (pruned blocks stay zero, so never score back)."""
+    bh, bw = trainer.cfg.pruning.structure.block
+    kernel_paths = _kernel_paths(
+        nnx.to_pure_dict(trainer.templates["params"]), nnx.to_pure_dict(trainer.templates["masks"])
+    )
+
+    def most_per_column(masks):
+        flat = traverse_util.flatten_dict(masks)
+        out = {}
+        for p in trainer.pruner.paths:
+            m = flat[kernel_paths[p]]
+            *lead, k, n = m.shape
+            keep = m.reshape(*lead, k // bh, bh, n // bw, bw).any(axis=(-3, -1))
+            out[sp.path_str(p[:-1])] = jnp.max(jnp.sum(keep, axis=-2, dtype=jnp.int32))
+        return out
+
+    replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
+    counts = jax.jit(most_per_column, out_shardings=replicated)(state["masks"])
+    return {name: max(int(c), 1) for name, c in jax.device_get(counts).items()}
+
+
 def run(cfg: RunConfig, workdir: str | Path) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the summary written to summary.json."""
     (summary,) = run_stack([cfg], [workdir], stacked=False)
@@ -639,8 +713,14 @@ def run_stack(
     is_main = jax.process_index() == 0
     for c in cfgs:
         data_lib.validate(c.data)
-    trainer = build(base, num_variants=len(cfgs) if stacked else None)
+    num_variants = len(cfgs) if stacked else None
+    trainer = build(base, num_variants=num_variants)
     variants = variant_inputs(cfgs, trainer.pruner) if stacked else None
+    block_steps = block_phase_steps(cfgs, trainer.pruner)
+    if block_steps:  # fail now, not at the switch, if a layer cannot run block-sparse
+        model = nnx.eval_shape(lambda: model_lib.Transformer(base.model, rngs=nnx.Rngs(0)))
+        names = [sp.path_str(p[:-1]) for p in trainer.pruner.paths]
+        use_block_path(model, dict.fromkeys(names, 1), base.pruning.structure)
 
     iterators, evals = {}, {}  # one data stream per distinct data config, shared by its runs
     members = []
@@ -713,17 +793,32 @@ def run_stack(
             m.metrics_file = open(m.workdir / "metrics.jsonl", "a")
             m.writer = SummaryWriter(str(m.workdir / "tb"))
 
+    def to_block_path(step):
+        budgets = block_budgets_of(trainer, state)
+        per_budget = collections.Counter(budgets.values())
+        log.info(
+            "Step %d: block-sparse layers from here, tiles kept per block-column: %s",
+            step,
+            ", ".join(f"{b} ({n} layers)" for b, n in sorted(per_budget.items())),
+        )
+        return build(base, num_variants=num_variants, block_budgets=budgets)
+
     tokens_per_step = base.data.batch_size * base.data.seq_len
     t_start = time.perf_counter()
     t_last, step_last = t_start, start
+    compiled_at = start
+    if any(t <= start for t in block_steps):
+        trainer = to_block_path(start)
     try:
         for step in range(start, optim.steps):
+            if step in block_steps and step != start:
+                trainer, compiled_at = to_block_path(step), step
             if stacked:
                 state, metrics = trainer.step_fn(state, next_batch(), variants)
             else:
                 state, metrics = trainer.step_fn(state, next_batch())
             done = step + 1
-            if step == start:  # keep compilation out of the throughput numbers
+            if step == compiled_at:  # keep compilation out of the throughput numbers
                 jax.block_until_ready(metrics)
                 t_last, step_last = time.perf_counter(), done
             log_now = done % optim.log_every == 0 or done == optim.steps

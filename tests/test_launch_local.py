@@ -173,3 +173,34 @@ def test_sweep_survives_kill_reports_failure_and_collects(tmp_path):
     assert launch(*args).returncode == 1
     assert len(attempts(root, ok[0])) == 1 and len(failed) == 2
     assert len([a for a in attempts(root, nan) if a["outcome"] != "interrupted"]) == 2
+
+
+def test_sweep_runs_block_sparse_path_stacked(tmp_path):
+    """A launched sweep with `sparsity.impl = "block"`: two targets train as one stacked job that
+    switches to block-sparse layers, with the same eval loss as the masked path trained here."""
+    from launch.sweep import apply_overrides, load_experiment
+    from sparsescale import config as config_lib
+    from sparsescale import train
+
+    block = {
+        "sparsity.structure": "block",
+        "sparsity.block": (8, 8),
+        "sparsity.balanced": True,
+        "sparsity.impl": "block",
+        "sparsity.switch_density": 0.6,
+    }
+    sweep = [{**block, "sparsity.sparsity": s} for s in (0.5, 0.75)]
+    exp, root = write_experiment(tmp_path, sweep, steps=8, every=4), tmp_path / "root"
+    result = launch("run", f"{exp}:smoke", "--root", str(root), "--jobs", "1", "--stack", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    logs = "".join(p.read_text() for p in (root / ".stacks").glob("*.log"))
+    assert "block-sparse layers from here" in logs
+    runs = sorted(p.parent for p in root.glob("*/summary.json"))
+    assert len(runs) == 2
+    for run in runs:
+        assert attempts(root, run.name)[0]["stacked"] == 2
+        summary = state.read_json(run / "summary.json")
+        masked = {**block, "sparsity.impl": "masked", "sparsity.sparsity": summary["sparsity"]}
+        cfg = apply_overrides(load_experiment(exp).get_config("smoke"), masked, "masked")
+        ref = train.run(config_lib.run_config(cfg), tmp_path / f"masked-{summary['sparsity']}")
+        assert summary["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)

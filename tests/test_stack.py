@@ -43,6 +43,14 @@ def test_stack_groups_follow_the_rules():
     ]
     assert sorted(train.stack_groups(runs)) == [[0, 1, 2], [3], [4, 6], [5], [7]]
     assert train.check_stackable([runs[2], runs[0]]) is runs[0]  # built from the sparse recipe
+    block = {"sparsity.structure": "block", "sparsity.block": (8, 8), "sparsity.impl": "block"}
+    fast = [
+        cfg(**block, **{"sparsity.sparsity": 0.5}),
+        cfg(**block, **{"sparsity.sparsity": 0.75, "train.seed": 1}),
+        cfg(**{"sparsity.structure": "dense", "sparsity.sparsity": 0.0}),  # would keep it masked
+        cfg(**{**block, "sparsity.impl": "masked", "sparsity.sparsity": 0.5}),
+    ]
+    assert sorted(train.stack_groups(fast)) == [[0, 1], [2, 3]]
     with pytest.raises(ValueError, match="cannot be stacked"):
         train.check_stackable([runs[0], runs[3]])
 

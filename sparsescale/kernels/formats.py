@@ -202,7 +202,7 @@ def block_keep(mask_KxN, block: tuple[int, int]) -> jax.Array:
     return jnp.asarray(mask_KxN, bool).reshape(k // bh, bh, n // bw, bw).any(axis=(1, 3))
 
 
-def _first_true(keep, budget: int, axis: int):
+def first_true(keep, budget: int, axis: int):
     """Indices of the first `budget` True entries along `axis` (increasing), padded by repeating
     the last True one (or 0), and a validity mask."""
     order = jnp.argsort(~keep, axis=axis, stable=True).astype(jnp.int32)
@@ -264,11 +264,11 @@ def _pack_block_arrays(kernel_KxN, mask_KxN, block, budget: int, budget_t: int) 
     k, n = kernel_KxN.shape
     kb, nb = k // bh, n // bw
     keep_KbxNb = block_keep(mask_KxN, block)
-    rows_NbxB, counts, valid = _first_true(keep_KbxNb, budget, axis=0)
+    rows_NbxB, counts, valid = first_true(keep_KbxNb, budget, axis=0)
     # Tiles beyond the budget are dropped from the transpose as well.
     slot_KbxNb = jnp.cumsum(keep_KbxNb, axis=0, dtype=jnp.int32) - 1
     keep_KbxNb = keep_KbxNb & (slot_KbxNb < budget)
-    rows_t, counts_t, _ = _first_true(keep_KbxNb, budget_t, axis=1)
+    rows_t, counts_t, _ = first_true(keep_KbxNb, budget_t, axis=1)
     slots_t = jnp.clip(jnp.take_along_axis(slot_KbxNb, rows_t, axis=1), 0, budget - 1)
 
     masked = jnp.where(mask_KxN, kernel_KxN, 0).astype(kernel_KxN.dtype)

@@ -1,31 +1,40 @@
-"""Block-sparse matmul in plain XLA: gather the x tiles each kept weight tile needs, then one
-batched contraction. Does density × the dense FLOPs, so it is the fast block-sparse path on CPU
-(where Pallas only interprets), and a portable fallback elsewhere.
+"""Block-sparse matmul in plain XLA: the fast block-sparse path on CPU (where Pallas only
+interprets) and a portable fallback elsewhere. Does density × the dense FLOPs.
 
-Forward: xg [M, Nb, B, bh] = x tiles at `rows`;  y[:, j] = Σ_b xg[:, j, b] @ values[j, b].
-Backward (custom_vjp, saves x rather than the gathered copy): dx gathers dY tiles through the
-transposed tables (rows_t, slots_t), so no scatter-add; dvalues = xgᵀ·dY for kept tiles only
-(padding slots get zero).
+Layout (BCSR by block-column, see formats.py): values [Nb, B, bh, bw], rows [Nb, B], counts [Nb].
+Legend: M rows of x (tokens), K = Kb·bh inputs, N = Nb·bw outputs, B tiles kept per block-column.
 
-The gathered copy of x costs M·K·density·Nb elements, so it pays only when the budget of tiles per
-column is small relative to the tile width. `path="auto"` (default) gathers when
-B/Kb ≤ min(0.25, bw/256) (measured crossover on CPU, benchmarks/kernels.py) and otherwise
-scatters the tiles into a dense kernel and runs one dense matmul (same gradients: dvalues = the
-dense weight gradient read at the kept tiles).
+Forward, per block-column j: y_j [M, bw] = x[:, rows_j] [M, B·bh] @ values_j [B·bh, bw], one
+batched matmul over j with the batch axis leading (XLA:CPU runs that as plain GEMMs).
+Backward (custom_vjp, saves x, not the gathered copy):
+  dvalues_j = x[:, rows_j]ᵀ dY_j (kept tiles only; padding slots get zero),
+  dx = Σ_j scatter(dY_j values_jᵀ) into the block-rows `rows_j`: a one-hot contraction over the
+  (j, b) slots, which costs Kb/bw of the dx matmul (no scatter-add, slow on CPU).
+Rows are processed `chunk` at a time (`lax.map` / `lax.scan` over row chunks): the gathered copy
+of x is Nb·B/Kb times x, and keeping it cache-sized is what makes the path pay on CPU (one core,
+M = 4096, 75% sparse 64×64 tiles: 1.1× → 2.9× over dense with chunk = 512; dense XLA does not gain
+from chunking).
+
+`path="dense"` instead scatters the tiles into a dense kernel and runs one dense matmul (same
+gradients: dvalues = the dense weight gradient read at the kept tiles); `path="auto"` picks by
+`choose_path`, from the break-even densities benchmarks/block_sparse.py measured (CPU, one core,
+M = 4096, balanced tiles: 16² 0.25, 32² 0.42, 64² 0.64, 128² 0.88).
 """
 
 from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsescale.kernels.formats import BlockPacked
+from sparsescale.kernels.formats import BlockPacked, first_true
 
-
-def _gather_x(x_MxK, rows_NbxB, bh: int):
-    m, k = x_MxK.shape
-    return x_MxK.reshape(m, k // bh, bh)[:, rows_NbxB]  # [M, Nb, B, bh]
+DEFAULT_CHUNK = 512
 
 
 def _valid(counts, budget):
@@ -36,25 +45,71 @@ PATHS = ("auto", "gather", "dense")
 
 
 def choose_path(packed: BlockPacked) -> str:
-    """ "gather" or "dense" for path="auto" (rule in the module docstring)."""
+    """ "gather" or "dense" for path="auto": gather when the tile budget per block-column is at
+    most the measured break-even density of the block size (`break_even_density`)."""
     kb = packed.shape[0] // packed.block[0]
     budget = packed.values.shape[1]
-    return "gather" if budget / kb <= min(0.25, packed.block[1] / 256) else "dense"
+    return "gather" if budget / kb <= break_even_density(packed.block) else "dense"
+
+
+def slot_map(rows, counts, kb: int):
+    """[Nb, Kb] int32: which slot of block-column j holds block-row r (−1: none). Only this small
+    table is scattered; tiles move by gathers."""
+    nb, budget = rows.shape
+    valid = _valid(counts, budget)
+    cols = jnp.broadcast_to(jnp.arange(nb)[:, None], rows.shape)
+    slots = jnp.where(valid, jnp.arange(budget)[None, :], -1)
+    empty = jnp.full((nb, kb), -1, jnp.int32)
+    return empty.at[cols, jnp.where(valid, rows, kb)].set(slots, mode="drop")
+
+
+def _scatter_tiles(values, rows, counts, kb: int):
+    """Tiles [Nb, Kb, bh, bw] with values at their block-rows and zeros elsewhere."""
+    slots = slot_map(rows, counts, kb)
+    tiles = jnp.take_along_axis(values, jnp.maximum(slots, 0)[:, :, None, None], axis=1)
+    return jnp.where((slots >= 0)[:, :, None, None], tiles, 0)
 
 
 def _densify(values, rows, counts, k: int):
-    """Dense [K, N] kernel from the tiles by a gather (scatter-adding K·N elements is slow on
-    CPU; only the tiny [Kb, Nb] slot map is scattered)."""
-    nb, budget, bh, bw = values.shape
-    kb = k // bh
-    valid = _valid(counts, budget)
-    slot_NbxKb = jnp.full((nb, kb), -1, jnp.int32)
-    cols = jnp.broadcast_to(jnp.arange(nb)[:, None], rows.shape)
-    slots = jnp.where(valid, jnp.arange(budget)[None, :], -1)
-    slot_NbxKb = slot_NbxKb.at[cols, jnp.where(valid, rows, kb)].set(slots, mode="drop")
-    tiles = jnp.take_along_axis(values, jnp.maximum(slot_NbxKb, 0)[:, :, None, None], axis=1)
-    tiles = jnp.where((slot_NbxKb >= 0)[:, :, None, None], tiles, 0)  # [Nb, Kb, bh, bw]
+    """Dense [K, N] kernel from the tiles."""
+    nb, _, bh, bw = values.shape
+    tiles = _scatter_tiles(values, rows, counts, k // bh)
     return tiles.transpose(1, 2, 0, 3).reshape(k, nb * bw)
+
+
+@jax.custom_vjp
+def take_tiles(tiles_NbxKbxbhxbw, rows, counts):
+    """values [Nb, B, bh, bw] = the tiles at `rows` (zero in padding slots). Its gradient puts
+    dvalues back by a gather through `slot_map` (autodiff of a gather would scatter-add)."""
+    values = jnp.take_along_axis(tiles_NbxKbxbhxbw, rows[:, :, None, None], axis=1)
+    return jnp.where(_valid(counts, rows.shape[1])[:, :, None, None], values, 0)
+
+
+def _take_fwd(tiles, rows, counts):
+    return take_tiles(tiles, rows, counts), (rows, counts, tiles.shape[1])
+
+
+def _take_bwd(res, dvalues):
+    rows, counts, kb = res
+    zero_int = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+    return _scatter_tiles(dvalues, rows, counts, kb), zero_int(rows), zero_int(counts)
+
+
+take_tiles.defvjp(_take_fwd, _take_bwd)
+
+
+def pack_columns(kernel_KxN, mask_KxN, block: tuple[int, int], budget: int):
+    """(values, rows, counts) of `kernel ⊙ mask` with `budget` tiles per block-column, jittable
+    and differentiable w.r.t. the kernel (gradient zero off the kept tiles). Tiles past the budget
+    are dropped: the caller guarantees no block-column keeps more (see `train` block phases)."""
+    bh, bw = block
+    k, n = kernel_KxN.shape
+    kb, nb = k // bh, n // bw
+    keep_KbxNb = jnp.asarray(mask_KxN, bool).reshape(kb, bh, nb, bw).any(axis=(1, 3))
+    rows, counts, _ = first_true(keep_KbxNb, budget, axis=0)
+    masked = jnp.where(mask_KxN, kernel_KxN, jnp.zeros_like(kernel_KxN))
+    tiles = masked.reshape(kb, bh, nb, bw).transpose(2, 0, 1, 3)  # [Nb, Kb, bh, bw]
+    return take_tiles(tiles, rows, counts), rows, counts
 
 
 @jax.custom_vjp
@@ -75,8 +130,7 @@ def _dense_bwd(res, dy_MxN):
     dx = jnp.matmul(dy, w.T, preferred_element_type=jnp.float32).astype(x_MxK.dtype)
     dw = jnp.matmul(x_MxK.T, dy, preferred_element_type=jnp.float32)
     dw_tiles = dw.reshape(-1, bh, nb, bw).transpose(2, 0, 1, 3)  # [Nb, Kb, bh, bw]
-    dvals = jnp.take_along_axis(dw_tiles, rows[:, :, None, None], axis=1)
-    dvals = jnp.where(_valid(counts, budget)[:, :, None, None], dvals, 0)
+    dvals = take_tiles(dw_tiles, rows, counts)
     zero_int = lambda a: np.zeros(a.shape, jax.dtypes.float0)
     return dx, dvals.astype(values.dtype), zero_int(rows), zero_int(counts)
 
@@ -84,46 +138,108 @@ def _dense_bwd(res, dy_MxN):
 _xla_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-@jax.custom_vjp
-def _xla_block(x_MxK, values, rows, counts, rows_t, slots_t, counts_t):
-    return _fwd(x_MxK, values, rows, counts, rows_t, slots_t, counts_t)[0]
-
-
-def _fwd(x_MxK, values, rows, counts, rows_t, slots_t, counts_t):
-    bh = values.shape[2]
-    xg = _gather_x(x_MxK, rows, bh)
-    y = jnp.einsum(
-        "mjbk,jbkw->mjw", xg, values.astype(x_MxK.dtype), preferred_element_type=jnp.float32
-    )
-    y = y.reshape(x_MxK.shape[0], -1).astype(x_MxK.dtype)
-    return y, (x_MxK, values, rows, counts, rows_t, slots_t, counts_t)
-
-
-def _bwd(res, dy_MxN):
-    x_MxK, values, rows, counts, rows_t, slots_t, counts_t = res
+def _gather_columns(x_MxK, rows_NbxB, bh: int):
+    """x_NbxMxBbh: for each block-column, the x columns of its kept block-rows."""
     m, k = x_MxK.shape
-    nb, budget, bh, bw = values.shape
-    dy = dy_MxN.reshape(m, nb, bw).astype(x_MxK.dtype)
-    # dx through the transposed tables: gathers only (a scatter-add is slow on CPU).
-    dyg = dy[:, rows_t]  # [M, Kb, Bt, bw]
-    valid_t = _valid(counts_t, rows_t.shape[1])[:, :, None, None]
-    vals_t = jnp.where(valid_t, values[rows_t, slots_t], 0).astype(x_MxK.dtype)  # [Kb, Bt, bh, bw]
-    dx = jnp.einsum("mrtw,rtkw->mrk", dyg, vals_t, preferred_element_type=jnp.float32)
-    xg = _gather_x(x_MxK, rows, bh)
-    dvals = jnp.einsum("mjbk,mjw->jbkw", xg, dy, preferred_element_type=jnp.float32)
-    dvals = jnp.where(_valid(counts, budget)[:, :, None, None], dvals, 0)
+    nb, budget = rows_NbxB.shape
+    xg = x_MxK.reshape(m, k // bh, bh)[:, rows_NbxB]  # [M, Nb, B, bh]
+    return xg.transpose(1, 0, 2, 3).reshape(nb, m, budget * bh)
+
+
+def _chunk_fwd(x_MxK, values):
+    """y [M, N] for one row chunk; `values` carries its rows (values, rows)."""
+    vals, rows = values
+    nb, budget, bh, bw = vals.shape
+    y_NbxMxbw = jnp.matmul(
+        _gather_columns(x_MxK, rows, bh),
+        vals.reshape(nb, budget * bh, bw),
+        preferred_element_type=jnp.float32,
+    )
+    return y_NbxMxbw.transpose(1, 0, 2).reshape(x_MxK.shape[0], nb * bw).astype(x_MxK.dtype)
+
+
+def _chunk_bwd(x_MxK, dy_MxN, vals, rows):
+    """(dx [M, K], dvalues [Nb, B, bh, bw] f32) for one row chunk."""
+    m, k = x_MxK.shape
+    nb, budget, bh, bw = vals.shape
+    dy_NbxMxbw = dy_MxN.reshape(m, nb, bw).transpose(1, 0, 2)
+    xg = _gather_columns(x_MxK, rows, bh)
+    dvals = jnp.matmul(xg.transpose(0, 2, 1), dy_NbxMxbw, preferred_element_type=jnp.float32)
+    p_NbxMxBbh = jnp.matmul(
+        dy_NbxMxbw,
+        vals.reshape(nb, budget * bh, bw).transpose(0, 2, 1),
+        preferred_element_type=jnp.float32,
+    )
+    onehot_NbxBxKb = jax.nn.one_hot(rows, k // bh, dtype=jnp.float32)
+    dx = jnp.einsum(
+        "jmbk,jbr->mrk",
+        p_NbxMxBbh.reshape(nb, m, budget, bh),
+        onehot_NbxBxKb,
+        preferred_element_type=jnp.float32,
+    )
+    return dx.reshape(m, k).astype(x_MxK.dtype), dvals.reshape(vals.shape)
+
+
+def _row_chunks(a_MxC, chunk: int):
+    """[M, C] → [M'/chunk, chunk, C] zero-padded to a multiple of `chunk` rows."""
+    m = a_MxC.shape[0]
+    pad = -m % chunk
+    if pad:
+        a_MxC = jnp.pad(a_MxC, ((0, pad), (0, 0)))
+    return a_MxC.reshape(-1, chunk, a_MxC.shape[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _xla_block(x_MxK, values, rows, counts, chunk):
+    return _fwd(x_MxK, values, rows, counts, chunk)[0]
+
+
+def _fwd(x_MxK, values, rows, counts, chunk):
+    m = x_MxK.shape[0]
+    chunk = min(chunk, m)
+    vals = values.astype(x_MxK.dtype)
+    y = jax.lax.map(lambda xc: _chunk_fwd(xc, (vals, rows)), _row_chunks(x_MxK, chunk))
+    return y.reshape(-1, y.shape[-1])[:m], (x_MxK, values, rows, counts)
+
+
+def _bwd(chunk, res, dy_MxN):
+    x_MxK, values, rows, counts = res
+    m = x_MxK.shape[0]
+    chunk = min(chunk, m)
+    vals = values.astype(x_MxK.dtype)
+
+    def body(dvals, xs):
+        dx, dv = _chunk_bwd(*xs, vals, rows)
+        return dvals + dv, dx
+
+    dvals0 = jnp.zeros(values.shape, jnp.float32)
+    chunks = (_row_chunks(x_MxK, chunk), _row_chunks(dy_MxN.astype(x_MxK.dtype), chunk))
+    dvals, dx = jax.lax.scan(body, dvals0, chunks)
+    dvals = jnp.where(_valid(counts, rows.shape[1])[:, :, None, None], dvals, 0)
     zero_int = lambda a: np.zeros(a.shape, jax.dtypes.float0)
     return (
-        dx.reshape(m, k).astype(x_MxK.dtype),
+        dx.reshape(-1, x_MxK.shape[1])[:m],
         dvals.astype(values.dtype),
-        *map(zero_int, (rows, counts, rows_t, slots_t, counts_t)),
+        zero_int(rows),
+        zero_int(counts),
     )
 
 
 _xla_block.defvjp(_fwd, _bwd)
 
 
-def xla_block_matmul(x_MxK: jax.Array, packed: BlockPacked, *, path: str = "auto") -> jax.Array:
+def block_columns_matmul(x, values, rows, counts, *, chunk: int = DEFAULT_CHUNK) -> jax.Array:
+    """y [..., N] = x [..., K] @ the kernel held as (values, rows, counts) (see `pack_columns`),
+    gathered path, `chunk` rows at a time."""
+    nb, _, bh, bw = values.shape
+    lead, k = x.shape[:-1], x.shape[-1]
+    y = _xla_block(x.reshape(-1, k), values, rows, counts, int(chunk))
+    return y.reshape(*lead, nb * bw)
+
+
+def xla_block_matmul(
+    x_MxK: jax.Array, packed: BlockPacked, *, path: str = "auto", chunk: int = DEFAULT_CHUNK
+) -> jax.Array:
     """y [..., N] = x [..., K] @ unpack_block(packed) in plain XLA (no Pallas).
 
     path: "gather" (work ∝ kept tiles), "dense" (scatter tiles, dense matmul) or "auto".
@@ -140,12 +256,30 @@ def xla_block_matmul(x_MxK: jax.Array, packed: BlockPacked, *, path: str = "auto
             f"xla_block_matmul: x {x_MxK.shape} must end in the kernel's K={k} "
             f"(kernel [{k}, {cols}])"
         )
-    lead = x_MxK.shape[:-1]
     path = choose_path(packed) if path == "auto" else path
-    x2 = x_MxK.reshape(-1, k)
     if path == "gather":
-        p = packed
-        y = _xla_block(x2, p.values, p.rows, p.counts, p.rows_t, p.slots_t, p.counts_t)
-    else:
-        y = _xla_dense(x2, packed.values, packed.rows, packed.counts)
+        return block_columns_matmul(x_MxK, packed.values, packed.rows, packed.counts, chunk=chunk)
+    lead = x_MxK.shape[:-1]
+    y = _xla_dense(x_MxK.reshape(-1, k), packed.values, packed.rows, packed.counts)
     return y.reshape(*lead, cols)
+
+
+DEFAULT_BREAK_EVEN = 0.5
+_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+@functools.cache
+def break_even_density(block: tuple[int, int], backend: str | None = None) -> float:
+    """Density below which the block-sparse layer beats masked dense (forward + backward), as
+    measured by benchmarks/block_sparse.py for this backend (nearest measured block area;
+    DEFAULT_BREAK_EVEN when nothing was measured; 0 when the block path never won)."""
+    backend = backend or jax.default_backend()
+    path = _RESULTS / f"block_sparse_{backend}.json"
+    if not path.exists():
+        return DEFAULT_BREAK_EVEN
+    measured = json.loads(path.read_text()).get("break_even_density", {})
+    if not measured:
+        return DEFAULT_BREAK_EVEN
+    area = block[0] * block[1]
+    nearest = min(measured, key=lambda b: abs(math.log(math.prod(map(int, b.split("x"))) / area)))
+    return float(measured[nearest] or 0.0)
