@@ -58,18 +58,25 @@ def test_balanced_and_block_impl_reject_bad_input():
 
 
 @pytest.mark.parametrize(
-    "m, chunk, balanced, dtype",
-    [(40, 16, True, jnp.float32), (64, 512, False, jnp.float32), (48, 32, True, jnp.bfloat16)],
+    "m, chunk, balanced, dtype, block",
+    [
+        (40, 16, True, jnp.float32, (8, 16)),
+        (64, 512, False, jnp.float32, (8, 16)),
+        (48, 32, True, jnp.bfloat16, (8, 16)),
+        (40, 16, True, jnp.float32, (4, 4)),  # Kb >= bw: dx by segment sum
+    ],
 )
-def test_block_columns_matmul_matches_dense(m, chunk, balanced, dtype):
+def test_block_columns_matmul_matches_dense(m, chunk, balanced, dtype, block):
     """Values, x and kernel gradients of the packed op equal those of x @ (w ⊙ mask); `chunk`
     that does not divide the rows pads, and budget > a column's count leaves padding slots."""
-    k, n, block = 64, 48, (8, 16)
+    k, n = 64, 48
+    kb, nb = k // block[0], n // block[1]
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
     mask = sp.Block(0.75, block, balanced=balanced).mask(jnp.asarray(rng.random((k, n))))
-    budget = int(np.asarray(mask).reshape(8, 8, 3, 16).any(axis=(1, 3)).sum(0).max()) + 1
+    tiles = np.asarray(mask).reshape(kb, block[0], nb, block[1]).any(axis=(1, 3))
+    budget = min(int(tiles.sum(0).max()) + 1, kb)
     dy = jnp.asarray(rng.standard_normal((m, n)), dtype)
 
     def block_op(x, w):

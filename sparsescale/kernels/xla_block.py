@@ -9,7 +9,7 @@ batched matmul over j with the batch axis leading (XLA:CPU runs that as plain GE
 Backward (custom_vjp, saves x, not the gathered copy):
   dvalues_j = x[:, rows_j]ᵀ dY_j (kept tiles only; padding slots get zero),
   dx = Σ_j scatter(dY_j values_jᵀ) into the block-rows `rows_j`: a one-hot contraction over the
-  (j, b) slots, which costs Kb/bw of the dx matmul (no scatter-add, slow on CPU).
+  (j, b) slots, which costs Kb/bw of the dx matmul, or a segment sum when Kb ≥ bw.
 Rows are processed `chunk` at a time (`lax.map` / `lax.scan` over row chunks): the gathered copy
 of x is Nb·B/Kb times x, and keeping it cache-sized is what makes the path pay on CPU (one core,
 M = 4096, 75% sparse 64×64 tiles: 1.1× → 2.9× over dense with chunk = 512; dense XLA does not gain
@@ -18,7 +18,7 @@ from chunking).
 `path="dense"` instead scatters the tiles into a dense kernel and runs one dense matmul (same
 gradients: dvalues = the dense weight gradient read at the kept tiles); `path="auto"` picks by
 `choose_path`, from the break-even densities benchmarks/block_sparse.py measured (CPU, one core,
-M = 4096, balanced tiles: 16² 0.25, 32² 0.42, 64² 0.64, 128² 0.88).
+M = 4096, balanced tiles: 16² 0.28, 32² 0.43, 64² 0.65, 128² 0.91).
 """
 
 from __future__ import annotations
@@ -165,18 +165,25 @@ def _chunk_bwd(x_MxK, dy_MxN, vals, rows):
     dy_NbxMxbw = dy_MxN.reshape(m, nb, bw).transpose(1, 0, 2)
     xg = _gather_columns(x_MxK, rows, bh)
     dvals = jnp.matmul(xg.transpose(0, 2, 1), dy_NbxMxbw, preferred_element_type=jnp.float32)
-    p_NbxMxBbh = jnp.matmul(
-        dy_NbxMxbw,
-        vals.reshape(nb, budget * bh, bw).transpose(0, 2, 1),
-        preferred_element_type=jnp.float32,
-    )
-    onehot_NbxBxKb = jax.nn.one_hot(rows, k // bh, dtype=jnp.float32)
-    dx = jnp.einsum(
-        "jmbk,jbr->mrk",
-        p_NbxMxBbh.reshape(nb, m, budget, bh),
-        onehot_NbxBxKb,
-        preferred_element_type=jnp.float32,
-    )
+    kb = k // bh
+    if kb < bw:  # one-hot contraction over the (j, b) slots: Kb/bw of the dx matmul
+        p_NbxMxBbh = jnp.matmul(
+            dy_NbxMxbw,
+            vals.reshape(nb, budget * bh, bw).transpose(0, 2, 1),
+            preferred_element_type=jnp.float32,
+        )
+        onehot_NbxBxKb = jax.nn.one_hot(rows, kb, dtype=jnp.float32)
+        dx = jnp.einsum(
+            "jmbk,jbr->mrk",
+            p_NbxMxBbh.reshape(nb, m, budget, bh),
+            onehot_NbxBxKb,
+            preferred_element_type=jnp.float32,
+        )
+    else:  # many block-rows: a segment sum over the slots is cheaper (measured)
+        p_TxMxbh = jnp.einsum(
+            "jmw,jbkw->jbmk", dy_NbxMxbw, vals, preferred_element_type=jnp.float32
+        ).reshape(nb * budget, m, bh)
+        dx = jax.ops.segment_sum(p_TxMxbh, rows.reshape(-1), kb).transpose(1, 0, 2)
     return dx.reshape(m, k).astype(x_MxK.dtype), dvals.reshape(vals.shape)
 
 
