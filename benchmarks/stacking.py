@@ -23,6 +23,7 @@ from pathlib import Path
 
 from launch import stacking, state
 from launch.backends import local
+from sparsescale import run_files
 
 SPARSITIES = (0.0, 0.5, 0.75, 0.875, 0.9375)
 
@@ -141,7 +142,7 @@ def main() -> None:
         top = max(trials, key=lambda t: t["sweep_variant_steps_per_s"])
         rows.append({"model": preset, "n_params": n_params, "trials": trials})
         best.append({"model": preset, "n_params": n_params, "stack": top["stack"]})
-    state.write_json_atomic(
+    run_files.write_json_atomic(
         args.out,
         {
             "benchmark": "stacking",

@@ -23,6 +23,7 @@ from pathlib import Path
 from launch import state
 from launch.backends import local
 from launch.sweep import expand
+from sparsescale import run_files
 
 EXPERIMENT = """
 from experiments import train
@@ -55,7 +56,7 @@ def measure(jobs: int, threads: int, preset: str, steps: int, runs: int) -> dict
         if failed:
             raise RuntimeError(f"{failed} benchmark runs failed; see {root} (kept: rerun to debug)")
         tokens = sum(
-            state.read_json(root / r.run_id / "summary.json")["tokens"] for r in sweep.runs
+            run_files.read_json(root / r.run_id / "summary.json")["tokens"] for r in sweep.runs
         )
     return {
         "jobs": jobs,
@@ -102,7 +103,7 @@ def main() -> None:
         "note": "whole runs incl. compilation; best of the repeats per split",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    state.write_json_atomic(args.out, record)
+    run_files.write_json_atomic(args.out, record)
     print(f"best: {best['jobs']} jobs x {best['threads']} threads -> {args.out}", file=sys.stderr)
 
 

@@ -7,16 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from launch import state, status
+from launch import status
 from launch.sweep import read_sweep_json
+from sparsescale import run_files
 
-COLUMNS = (
-    "run_id", "experiment", "model", "n_params_total", "n_params_nonembedding",
-    "n_params_prunable", "n_params_nonzero", "n_params_active", "sparsity", "structure", "nm_n",
-    "nm_m", "block_size", "num_experts", "top_k", "schedule", "steps", "tokens", "flops_per_token",
-    "train_flops", "eval_loss", "eval_bpb", "train_loss", "seed", "task", "config_hash",
-    "wall_time_s", "status",
-)  # fmt: skip
+# summary.json's columns (run_files.SUMMARY_COLUMNS), with `status` the launcher's view of the run
+COLUMNS = tuple(run_files.SUMMARY_COLUMNS) + (
+    () if "status" in run_files.SUMMARY_COLUMNS else ("status",)
+)
 
 
 def results_frame(root: Path, include_unfinished: bool = False) -> pd.DataFrame:
@@ -29,7 +27,7 @@ def results_frame(root: Path, include_unfinished: bool = False) -> pd.DataFrame:
     record = read_sweep_json(root)
     rows = []
     for s in status.sweep_statuses(root, record):
-        summary = state.read_json(root / s.run_id / state.SUMMARY_FILE)
+        summary = run_files.read_json(root / s.run_id / run_files.SUMMARY)
         if summary is None and not include_unfinished:
             continue
         row = dict(summary or {"error": s.error})

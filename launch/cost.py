@@ -1,4 +1,4 @@
-"""Dry-run cost table: FLOPs from `sparsescale.train.estimate_cost`, time from a calibration.
+"""Dry-run cost table: FLOPs from `sparsescale.accounting.estimate_cost`, time from a calibration.
 
 `calibrate` trains each model of the sweep for a few steps (in a temp dir, with the local backend's
 threads per job) and stores the measured tokens/s and FLOP/s in `<root>/calibration.json`.
@@ -7,7 +7,6 @@ threads per job) and stores the measured tokens/s and FLOP/s in `<root>/calibrat
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import subprocess
 import sys
@@ -20,19 +19,23 @@ import ml_collections
 from launch import state
 from launch.backends.local import child_env
 from launch.sweep import Sweep, SweepError, _get, trainer_command
+from sparsescale import run_files
 
 CALIBRATION_FILE = "calibration.json"
 
 
 def estimate_cost(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """`sparsescale.train.estimate_cost(config)`, with a clear error while it does not exist."""
+    """`sparsescale.accounting.estimate_cost(config)`, with a clear error while it does not exist."""
     try:
-        from sparsescale.train import estimate_cost as trainer_estimate
-    except ImportError as e:
-        raise SweepError(
-            "--dry-run needs sparsescale.train.estimate_cost(config) -> dict(tokens, train_flops, "
-            f"n_params_total, n_params_nonzero), which could not be imported: {e}"
-        ) from e
+        from sparsescale.accounting import estimate_cost as trainer_estimate
+    except ImportError:
+        try:  # before the trainer split
+            from sparsescale.train import estimate_cost as trainer_estimate
+        except ImportError as e:
+            raise SweepError(
+                "--dry-run needs sparsescale.accounting.estimate_cost(config) -> dict(tokens, "
+                f"train_flops, n_params_total, n_params_nonzero), which could not be imported: {e}"
+            ) from e
     return trainer_estimate(config)
 
 
@@ -45,7 +48,7 @@ def calibrate(sweep: Sweep, root: Path, threads: int, steps: int = 8) -> dict[st
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / CALIBRATION_FILE
-    calibration = state.read_json(path) or {}
+    calibration = run_files.read_json(path) or {}
     first_of_model = {}
     for run, config in zip(sweep.runs, sweep.configs, strict=True):
         first_of_model.setdefault(_model(config), (run, config))
@@ -67,7 +70,7 @@ def calibrate(sweep: Sweep, root: Path, threads: int, steps: int = 8) -> dict[st
                 )
             lines = [
                 m["perf/tokens_per_s"]
-                for m in _read_metrics(Path(tmp) / run.run_id / state.METRICS_FILE)
+                for m in run_files.read_metrics(Path(tmp) / run.run_id / run_files.METRICS)
                 if "perf/tokens_per_s" in m
             ]
         if not lines:
@@ -80,15 +83,8 @@ def calibrate(sweep: Sweep, root: Path, threads: int, steps: int = 8) -> dict[st
             "steps": steps,
             "measured": state.now_iso(),
         }
-    state.write_json_atomic(path, calibration)
+    run_files.write_json_atomic(path, calibration)
     return calibration
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError):
-        return []
 
 
 def _si(x: float) -> str:
@@ -100,7 +96,7 @@ def _si(x: float) -> str:
 
 def dry_run_table(sweep: Sweep, root: Path) -> str:
     """Table of runs with tokens, non-zero params, training FLOPs and estimated time."""
-    calibration = state.read_json(Path(root) / CALIBRATION_FILE) or {}
+    calibration = run_files.read_json(Path(root) / CALIBRATION_FILE) or {}
     header = (
         "run",
         "model",
@@ -126,7 +122,7 @@ def dry_run_table(sweep: Sweep, root: Path) -> str:
             missing.add(model)
             time_text = "-"
         rows.append((
-            run.run_id, model, str(_get(config, "sparsity.sparsity", "")),
+            run.run_id, model, str(_get(config, "sparsity.target", "")),
             str(_get(config, "sparsity.structure", "")), str(run.steps), _si(cost["tokens"]),
             _si(cost["n_params_nonzero"]), _si(cost["train_flops"]), time_text,
         ))  # fmt: skip

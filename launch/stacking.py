@@ -1,6 +1,6 @@
 """Group a sweep's runs into stacked jobs: one process trains K compatible runs in one compiled
 step (`sparsescale.stack`). Which runs are compatible is the trainer's rule
-(`sparsescale.train.stack_groups`); how many to stack comes from `benchmarks/stacking.py`'s
+(`sparsescale.stacking.stack_groups`); how many to stack comes from `benchmarks/stacking.py`'s
 measurement (`benchmarks/results/stacking.json`), else `DEFAULT_MAX_STACK`.
 """
 
@@ -12,14 +12,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from launch import state
 from launch.sweep import Run, Sweep, apply_overrides
+from sparsescale import run_files
 
 STACKING_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "stacking.json"
 DEFAULT_MAX_STACK = 4
 
 
-def run_config(sweep: Sweep, run: Run):
+def resolved_config(sweep: Sweep, run: Run):
     """The trainer's RunConfig of `run`, as `python -m sparsescale.main` would build it."""
     from sparsescale.config import run_config as to_run_config
 
@@ -35,7 +35,7 @@ def job_config(sweep: Sweep, run: Run) -> dict:
 def measured_max_stack(n_params: int, stacking_json: Path = STACKING_JSON) -> tuple[int, str]:
     """(best runs per process, where it came from) for a model of `n_params` non-embedding
     parameters: the measurement of the nearest measured size on this many cores."""
-    measured = state.read_json(stacking_json)
+    measured = run_files.read_json(stacking_json)
     cores = len(os.sched_getaffinity(0))
     if not measured or measured.get("cores") != cores or not measured.get("best"):
         return DEFAULT_MAX_STACK, f"default ({stacking_json} has no measurement for {cores} cores)"
@@ -43,6 +43,14 @@ def measured_max_stack(n_params: int, stacking_json: Path = STACKING_JSON) -> tu
         measured["best"], key=lambda b: abs(math.log(b["n_params"]) - math.log(max(n_params, 1)))
     )
     return int(nearest["stack"]), f"measured for {nearest['model']} in {stacking_json}"
+
+
+def has_checkpoint(workdir: Path) -> bool:
+    """Whether the run has a finalized checkpoint to resume from. Orbax writes a step into
+    `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` once complete; a killed writer
+    leaves the temporary directory behind, which is not a checkpoint."""
+    ckpts = Path(workdir) / run_files.CHECKPOINTS
+    return ckpts.is_dir() and any(p.name.isdigit() and p.is_dir() for p in ckpts.iterdir())
 
 
 def _split(group: list[Run], parts: int) -> list[list[Run]]:
@@ -56,20 +64,23 @@ def plan(
     """The jobs to start for `runs`: stacks of compatible fresh runs, each at most the measured
     (or given) size, split further while there are fewer jobs than `jobs` slots. Runs that have
     checkpoints resume alone, so no finished work is redone."""
-    from sparsescale import model as model_lib
-    from sparsescale import train
+    try:
+        from sparsescale.accounting import param_counts
+        from sparsescale.stacking import stack_groups
+    except ImportError:  # before the trainer split
+        from sparsescale.model import param_counts
+        from sparsescale.train import stack_groups
 
-    fresh = [r for r in runs if not any((root / r.run_id / "checkpoints").glob("[0-9]*"))]
+    fresh = [r for r in runs if not has_checkpoint(root / r.run_id)]
     planned = [[r] for r in runs if r not in fresh]
     if max_stack == 1 or len(fresh) < 2:
         return planned + [[r] for r in fresh]
-    cfgs = [run_config(sweep, r) for r in fresh]
+    cfgs = [resolved_config(sweep, r) for r in fresh]
     chunks = []
-    for group in train.stack_groups(cfgs):
+    for group in stack_groups(cfgs):
         members = [fresh[i] for i in group]
         cap = (
-            max_stack
-            or measured_max_stack(model_lib.param_counts(cfgs[group[0]].model)["non_embedding"])[0]
+            max_stack or measured_max_stack(param_counts(cfgs[group[0]].model)["non_embedding"])[0]
         )
         chunks += _split(members, math.ceil(len(members) / max(cap, 1)))
     while len(chunks) + len(planned) < jobs and max(map(len, chunks)) > 1:

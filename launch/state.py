@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import fcntl
 import getpass
-import json
 import os
 import re
 import shutil
@@ -23,10 +21,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-LAUNCH_FILE = "launch.json"
-SUMMARY_FILE = "summary.json"
-FAILED_FILE = "failed.json"
-METRICS_FILE = "metrics.jsonl"
+from sparsescale import run_files
+
+LAUNCH_FILE = run_files.LAUNCH
 
 DONE, RUNNING, QUEUED, FAILED, PENDING = "done", "running", "queued", "failed", "pending"
 INTERRUPTED = "interrupted"
@@ -34,33 +31,6 @@ INTERRUPTED = "interrupted"
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
-    """An flock on `path` (created if missing); yields False if non-blocking and already held."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -72,23 +42,18 @@ def process_start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def read_json(path: Path) -> Any | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 @contextlib.contextmanager
 def edit_launch_state(workdir: Path) -> Iterator[dict[str, Any]]:
     """Read-modify-write `launch.json` under a lock; the yielded dict is written back atomically."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with file_lock(workdir / f".{LAUNCH_FILE}.lock"):
-        state = read_json(workdir / LAUNCH_FILE) or {"run_id": workdir.name, "attempts": []}
+    with run_files.file_lock(workdir / f".{LAUNCH_FILE}.lock"):
+        state = run_files.read_json(workdir / LAUNCH_FILE) or {
+            "run_id": workdir.name,
+            "attempts": [],
+        }
         yield state
-        write_json_atomic(workdir / LAUNCH_FILE, state)
+        run_files.write_json_atomic(workdir / LAUNCH_FILE, state)
 
 
 def begin_attempt(workdir: Path, backend: str, **fields: Any) -> int:
@@ -129,14 +94,14 @@ def finish_attempt(
     a fresh summary.json counts as done)."""
     workdir = Path(workdir)
     outcome, error = DONE, None
-    summary = workdir / SUMMARY_FILE
+    summary = workdir / run_files.SUMMARY
     if stderr is not None and summary.exists() and summary.stat().st_mtime >= since:
         exit_code = 0
     if exit_code != 0 or not summary.exists():
         outcome = FAILED
-        failed = read_json(workdir / FAILED_FILE)
-        fresh = (workdir / FAILED_FILE).exists() and (
-            workdir / FAILED_FILE
+        failed = run_files.read_json(workdir / run_files.FAILED)
+        fresh = (workdir / run_files.FAILED).exists() and (
+            workdir / run_files.FAILED
         ).stat().st_mtime >= since
         if failed and fresh:
             error = str(failed.get("error"))
@@ -167,20 +132,10 @@ def error_line(path: Path) -> str:
 
 
 def last_metrics(workdir: Path) -> dict[str, Any]:
-    """The last complete JSON line of metrics.jsonl merged with the last line carrying eval/loss."""
-    try:
-        with open(Path(workdir) / METRICS_FILE, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 65536))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return {}
+    """Every record of metrics.jsonl merged in order: the last step and train loss, and the
+    last eval loss. A torn last line is skipped; a damaged line raises run_files.RunFileError."""
     out: dict[str, Any] = {}
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # partial first line of the tail, or a line being written
+    for record in run_files.read_metrics(Path(workdir) / run_files.METRICS):
         if isinstance(record, dict):
             out.update(record)
     return out
@@ -238,7 +193,7 @@ def _attempt_alive(attempt: dict[str, Any], slurm_alive: set[str] | None) -> boo
 def run_status(workdir: Path, slurm_alive: set[str] | None = None) -> RunStatus:
     """Status of the run in `workdir`; `slurm_alive` is the set from `squeue_alive` (None: unknown)."""
     workdir = Path(workdir)
-    state = read_json(workdir / LAUNCH_FILE) or {"attempts": []}
+    state = run_files.read_json(workdir / LAUNCH_FILE) or {"attempts": []}
     attempts = state["attempts"]
     failures = sum(a.get("outcome") == FAILED for a in attempts)
     metrics = last_metrics(workdir)
@@ -246,7 +201,7 @@ def run_status(workdir: Path, slurm_alive: set[str] | None = None) -> RunStatus:
     open_attempt = last if last is not None and last.get("ended") is None else None
     error = None
     active = open_attempt is not None and _attempt_alive(open_attempt, slurm_alive)
-    if (workdir / SUMMARY_FILE).exists():
+    if (workdir / run_files.SUMMARY).exists():
         status = DONE
     elif active:
         status = RUNNING if open_attempt.get("started") else QUEUED
@@ -280,7 +235,7 @@ def slurm_job_ids(workdirs: Iterable[Path]) -> list[str]:
     """Slurm job ids of open attempts in these workdirs (for one batched squeue call)."""
     ids = []
     for workdir in workdirs:
-        state = read_json(Path(workdir) / LAUNCH_FILE) or {"attempts": []}
+        state = run_files.read_json(Path(workdir) / LAUNCH_FILE) or {"attempts": []}
         if state["attempts"] and state["attempts"][-1].get("ended") is None:
             job = state["attempts"][-1].get("slurm_job_id")
             if job is not None:

@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from launch import state
+from sparsescale import run_files
 
 SWEEP_FILE = "sweep.json"
 SCHEDULE_FIELDS = ("kind", "start", "end", "every", "power")
@@ -35,8 +36,8 @@ class SweepError(ValueError):
 def product(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """All combinations of the axes, the first axis varying slowest.
 
-    >>> product({"model.name": ["s", "m"], "sparsity.sparsity": [0.0, 0.5]})[1]
-    {'model.name': 's', 'sparsity.sparsity': 0.5}
+    >>> product({"model.name": ["s", "m"], "sparsity.target": [0.0, 0.5]})[1]
+    {'model.name': 's', 'sparsity.target': 0.5}
     """
     for key, values in axes.items():
         if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
@@ -81,7 +82,7 @@ def overrides_hash(overrides: Mapping[str, Any]) -> str:
 
 
 def make_run_id(overrides: Mapping[str, Any]) -> str:
-    """Readable id derived from a run's own overrides only, e.g. `name-s_sparsity-0.5_seed-0`."""
+    """Readable id derived from a run's own overrides only, e.g. `name-s_target-0.5_seed-0`."""
     if not overrides:
         return "base"
     short = _short_keys(list(overrides))
@@ -209,7 +210,7 @@ def check_matched_schedules(
     allowed = {axis.removeprefix("sparsity.schedule.") for axis in schedule_axes}
     reference: dict[str, tuple[str, Any]] = {}
     for run_id, config in zip(run_ids, configs, strict=True):
-        if not _get(config, "sparsity.sparsity", 0.0):
+        if not _get(config, "sparsity.target", 0.0):
             continue
         for field in SCHEDULE_FIELDS:
             if field in allowed:
@@ -326,7 +327,7 @@ def sweep_record(sweep: Sweep) -> dict[str, Any]:
 
 def read_sweep_json(root: Path) -> dict[str, Any]:
     path = Path(root) / SWEEP_FILE
-    record = state.read_json(path)
+    record = run_files.read_json(path)
     if record is None:
         raise SweepError(f"{path}: not a sweep root (no readable {SWEEP_FILE})")
     return record
@@ -337,7 +338,7 @@ def save_sweep(root: Path, sweep: Sweep) -> dict[str, Any]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     record = sweep_record(sweep)
-    old = state.read_json(root / SWEEP_FILE)
+    old = run_files.read_json(root / SWEEP_FILE)
     if old is not None:
         if (old["experiment"], old["arg"]) != (sweep.experiment, sweep.arg):
             raise SweepError(
@@ -357,7 +358,7 @@ def save_sweep(root: Path, sweep: Sweep) -> dict[str, Any]:
     record.setdefault("created", None)
     record["created"] = record["created"] or state.now_iso()
     record["updated"] = state.now_iso()
-    state.write_json_atomic(root / SWEEP_FILE, record)
+    run_files.write_json_atomic(root / SWEEP_FILE, record)
     return record
 
 

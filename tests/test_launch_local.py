@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from launch import state
+from sparsescale import run_files
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def get_config(arg):
     c = common.smoke(common.base_config())
     c.experiment = "launchtest"
     c.sparsity.structure = "unstructured"
-    c.sparsity.sparsity = 0.5
+    c.sparsity.target = 0.5
     c.train.steps = {steps}
     c.train.log_every = {every}
     c.train.ckpt_every = {every}
@@ -62,7 +62,7 @@ def launch(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def attempts(root: Path, run_id: str) -> list[dict]:
-    return state.read_json(root / run_id / "launch.json")["attempts"]
+    return run_files.read_json(root / run_id / "launch.json")["attempts"]
 
 
 def metric_lines(path: Path) -> list[dict]:
@@ -80,16 +80,16 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
 def test_sweep_survives_kill_reports_failure_and_collects(tmp_path):
     """4 runs, 2 at a time: two short ones, one diverging (NaN), one long one that is killed."""
     sweep = [
-        {"sparsity.sparsity": 0.5},
-        {"sparsity.sparsity": 0.75},
-        {"sparsity.sparsity": 0.5, "train.lr": 1e9},  # diverges: NaN loss
-        {"sparsity.sparsity": 0.5, "train.steps": 100},
+        {"sparsity.target": 0.5},
+        {"sparsity.target": 0.75},
+        {"sparsity.target": 0.5, "train.lr": 1e9},  # diverges: NaN loss
+        {"sparsity.target": 0.5, "train.steps": 100},
     ]
     exp, root = write_experiment(tmp_path, sweep, steps=10, every=10), tmp_path / "root"
     ok, nan, long = (
-        ["sparsity-0.5", "sparsity-0.75"],
-        "sparsity-0.5_lr-1e+09",
-        "sparsity-0.5_steps-100",
+        ["target-0.5", "target-0.75"],
+        "target-0.5_lr-1e+09",
+        "target-0.5_steps-100",
     )
     args = ["run", f"{exp}:smoke", "--root", str(root), "--jobs", "2", "--max-retries", "1"]
     args += ["--stack", "4"]  # the two short runs differ only in sparsity: one stacked job
@@ -130,7 +130,7 @@ def test_sweep_survives_kill_reports_failure_and_collects(tmp_path):
         assert (root / run_id / "summary.json").stat().st_mtime_ns == mtimes[run_id]
         assert [a["outcome"] for a in attempts(root, run_id)] == ["done"]
         assert attempts(root, run_id)[0]["stacked"] == 2
-        summary = state.read_json(root / run_id / "summary.json")
+        summary = run_files.read_json(root / run_id / "summary.json")
         assert summary["run_id"] == run_id and summary["experiment"] == "launchtest"
         assert summary["sparsity"] == sparsity and summary["steps"] == 10
     failed = [a for a in attempts(root, nan) if a["outcome"] != "interrupted"]
@@ -161,7 +161,7 @@ def test_sweep_survives_kill_reports_failure_and_collects(tmp_path):
     assert list(csv.columns[:3]) == ["run_id", "experiment", "model"]
     by_id = csv.set_index("run_id")
     for run_id in [*ok, long]:
-        summary = state.read_json(root / run_id / "summary.json")
+        summary = run_files.read_json(root / run_id / "summary.json")
         assert by_id.loc[run_id, "eval_loss"] == pytest.approx(summary["eval_loss"])
         assert by_id.loc[run_id, "n_params_nonzero"] == summary["n_params_nonzero"]
     assert (csv["status"] == "done").all()
@@ -189,7 +189,7 @@ def test_sweep_runs_block_sparse_path_stacked(tmp_path):
         "sparsity.impl": "block",
         "sparsity.switch_density": 0.6,
     }
-    sweep = [{**block, "sparsity.sparsity": s} for s in (0.5, 0.75)]
+    sweep = [{**block, "sparsity.target": s} for s in (0.5, 0.75)]
     exp, root = write_experiment(tmp_path, sweep, steps=8, every=4), tmp_path / "root"
     result = launch("run", f"{exp}:smoke", "--root", str(root), "--jobs", "1", "--stack", "4")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -199,8 +199,8 @@ def test_sweep_runs_block_sparse_path_stacked(tmp_path):
     assert len(runs) == 2
     for run in runs:
         assert attempts(root, run.name)[0]["stacked"] == 2
-        summary = state.read_json(run / "summary.json")
-        masked = {**block, "sparsity.impl": "masked", "sparsity.sparsity": summary["sparsity"]}
+        summary = run_files.read_json(run / "summary.json")
+        masked = {**block, "sparsity.impl": "masked", "sparsity.target": summary["sparsity"]}
         cfg = apply_overrides(load_experiment(exp).get_config("smoke"), masked, "masked")
         ref = train.run(config_lib.run_config(cfg), tmp_path / f"masked-{summary['sparsity']}")
         assert summary["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)

@@ -9,7 +9,7 @@ import pytest
 from slurm_cluster import SlurmCluster, missing_reason
 from test_launch_local import attempts, launcher_env, write_experiment
 
-from launch import state
+from sparsescale import run_files
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +54,8 @@ def test_slurm_array_and_two_task_jax_distributed_job(tmp_path, slurm_env):
     # reproduce the single-process run's losses
     for log in ("stderr.log", "stderr.task1.log"):
         assert "Connecting to JAX distributed service" in (root / multi / log).read_text()
-    one = state.read_json(root / single / "summary.json")
-    two = state.read_json(root / multi / "summary.json")
+    one = run_files.read_json(root / single / "summary.json")
+    two = run_files.read_json(root / multi / "summary.json")
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
     assert list((root / "slurm").glob("*_log.out"))  # submitit's per-job logs

@@ -13,6 +13,7 @@ import pytest
 
 from launch import collect, cost, state, status, sweep
 from launch.sweep import SweepError
+from sparsescale import run_files
 
 EXPERIMENT = """
 import ml_collections
@@ -39,23 +40,23 @@ def write_experiment(tmp_path, sweep_expr: str, axes: tuple = ()) -> str:
 
 
 def test_product_order_and_count():
-    runs = sweep.product({"model.name": ["s", "m"], "sparsity.sparsity": [0.0, 0.5, 0.75]})
+    runs = sweep.product({"model.name": ["s", "m"], "sparsity.target": [0.0, 0.5, 0.75]})
     assert len(runs) == 6
-    assert runs[0] == {"model.name": "s", "sparsity.sparsity": 0.0}
-    assert runs[2] == {"model.name": "s", "sparsity.sparsity": 0.75}
-    assert runs[3] == {"model.name": "m", "sparsity.sparsity": 0.0}
-    with pytest.raises(SweepError, match="sparsity.sparsity"):
-        sweep.product({"sparsity.sparsity": 0.5})
-    both = sweep.chain(runs[:1], [{"sparsity.sparsity": 0.9}], train__seed=3)
+    assert runs[0] == {"model.name": "s", "sparsity.target": 0.0}
+    assert runs[2] == {"model.name": "s", "sparsity.target": 0.75}
+    assert runs[3] == {"model.name": "m", "sparsity.target": 0.0}
+    with pytest.raises(SweepError, match="sparsity.target"):
+        sweep.product({"sparsity.target": 0.5})
+    both = sweep.chain(runs[:1], [{"sparsity.target": 0.9}], train__seed=3)
     assert both == [
-        {"model.name": "s", "sparsity.sparsity": 0.0, "train.seed": 3},
-        {"sparsity.sparsity": 0.9, "train.seed": 3},
+        {"model.name": "s", "sparsity.target": 0.0, "train.seed": 3},
+        {"sparsity.target": 0.9, "train.seed": 3},
     ]
 
 
 def test_run_ids_are_readable_and_stable():
-    overrides = {"model.name": "s", "sparsity.sparsity": 0.5, "sparsity.structure": "nm"}
-    assert sweep.make_run_id(overrides) == "name-s_sparsity-0.5_structure-nm"
+    overrides = {"model.name": "s", "sparsity.target": 0.5, "sparsity.structure": "nm"}
+    assert sweep.make_run_id(overrides) == "name-s_target-0.5_structure-nm"
     assert sweep.make_run_id({"train.lr": 1e9, "train.seed": 0}) == "lr-1e+09_seed-0"
     assert sweep.make_run_id({"train.lr": 3e-3}) == "lr-0.003"
     # keys sharing a last component keep enough of their path to be told apart
@@ -72,16 +73,16 @@ def test_run_ids_are_readable_and_stable():
 def test_expand_applies_overrides_and_validates(tmp_path):
     spec = write_experiment(
         tmp_path,
-        'product({"model.d_model": [16, 32], "sparsity.sparsity": [0.5, 0.75]}) '
-        '+ [{"sparsity.sparsity": 0.0, "sparsity.structure": "dense"}]',
+        'product({"model.d_model": [16, 32], "sparsity.target": [0.5, 0.75]}) '
+        '+ [{"sparsity.target": 0.0, "sparsity.structure": "dense"}]',
     )
     expanded = sweep.expand(spec)
     assert expanded.experiment == "unit" and expanded.arg == "smoke"
     ids = [r.run_id for r in expanded.runs]
-    assert ids[:2] == ["d_model-16_sparsity-0.5", "d_model-16_sparsity-0.75"]
+    assert ids[:2] == ["d_model-16_target-0.5", "d_model-16_target-0.75"]
     assert len(set(ids)) == 5
     config = expanded.configs[1]
-    assert config.model.d_model == 16 and config.sparsity.sparsity == 0.75
+    assert config.model.d_model == 16 and config.sparsity.target == 0.75
     assert expanded.runs[1].steps == 10 and expanded.runs[1].tokens_per_step == 8 * 32
     assert expanded.runs[0].resources == sweep.Resources()  # no config.launch: defaults
 
@@ -100,9 +101,7 @@ def test_expand_applies_overrides_and_validates(tmp_path):
 
 
 def test_unmatched_schedules_refused_unless_declared(tmp_path):
-    varying = (
-        '[{"sparsity.sparsity": 0.5}, {"sparsity.sparsity": 0.5, "sparsity.schedule.end": 0.5}]'
-    )
+    varying = '[{"sparsity.target": 0.5}, {"sparsity.target": 0.5, "sparsity.schedule.end": 0.5}]'
     with pytest.raises(SweepError, match=r"sparsity.schedule.end is 0.75 .* but 0.5") as e:
         sweep.expand(write_experiment(tmp_path, varying))
     assert "SCHEDULE_AXES" in str(e.value)
@@ -114,8 +113,8 @@ def test_unmatched_schedules_refused_unless_declared(tmp_path):
         sweep.expand(write_experiment(tmp_path, other, axes=("sparsity.schedule.end",)))
     # dense runs have no schedule to match; token budgets (steps) may differ freely
     dense = (
-        '[{"sparsity.sparsity": 0.5, "train.steps": 20},'
-        ' {"sparsity.sparsity": 0.0, "sparsity.schedule.kind": "constant"}]'
+        '[{"sparsity.target": 0.5, "train.steps": 20},'
+        ' {"sparsity.target": 0.0, "sparsity.schedule.kind": "constant"}]'
     )
     assert len(sweep.expand(write_experiment(tmp_path, dense)).runs) == 2
 
@@ -140,7 +139,7 @@ def test_trainer_command_round_trips_through_config_flags(tmp_path):
     """The command's flags, parsed by ml_collections like the trainer does, give the run's config."""
     spec = write_experiment(
         tmp_path,
-        '[{"sparsity.sparsity": 0.75, "sparsity.block": (8, 8), "model.tie_embeddings": True,'
+        '[{"sparsity.target": 0.75, "sparsity.block": (8, 8), "model.tie_embeddings": True,'
         ' "sparsity.structure": "block", "train.lr": 1e-4}]',
     )
     expanded = sweep.expand(spec)
@@ -178,7 +177,7 @@ def test_run_status_from_files(tmp_path):
     def status_of(attempts, files=(), slurm_alive=frozenset()):
         workdir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
         workdir.mkdir()
-        state.write_json_atomic(workdir / "launch.json", {"attempts": attempts})
+        run_files.write_json_atomic(workdir / "launch.json", {"attempts": attempts})
         for name, content in files:
             (workdir / name).write_text(content)
         return state.run_status(workdir, slurm_alive=set(slurm_alive))
@@ -227,16 +226,16 @@ def _fake_sweep_root(tmp_path):
     runs = [
         {"run_id": f"r{i}", "overrides": {}, "steps": 100, "tokens_per_step": 50} for i in range(3)
     ]
-    state.write_json_atomic(root / "sweep.json", {"experiment": "e", "arg": "a", "runs": runs})
+    run_files.write_json_atomic(root / "sweep.json", {"experiment": "e", "arg": "a", "runs": runs})
     for i, loss in enumerate([2.0, 3.0]):
         (root / f"r{i}").mkdir(parents=True, exist_ok=True)
         summary = {"run_id": f"r{i}", "experiment": "e", "eval_loss": loss, "sparsity": 0.5 * i}
         summary["my_extra"] = i
-        state.write_json_atomic(root / f"r{i}" / "summary.json", summary)
+        run_files.write_json_atomic(root / f"r{i}" / "summary.json", summary)
     (root / "r2").mkdir()
     me = _attempt(host=os.uname().nodename, pid=os.getpid())
     me["pid_start"] = state.process_start_time(os.getpid())
-    state.write_json_atomic(root / "r2" / "launch.json", {"attempts": [me]})
+    run_files.write_json_atomic(root / "r2" / "launch.json", {"attempts": [me]})
     line = {"step": 40, "train/loss": 4.25, "perf/tokens_per_s": 100.0}
     (root / "r2" / "metrics.jsonl").write_text(json.dumps(line) + "\n")
     return root
@@ -267,19 +266,24 @@ def test_collect_writes_finished_runs(tmp_path):
 
 
 def test_dry_run_table_uses_estimate_and_calibration(tmp_path):
-    spec = write_experiment(tmp_path, 'product({"sparsity.sparsity": [0.5, 0.75]})')
+    spec = write_experiment(tmp_path, 'product({"sparsity.target": [0.5, 0.75]})')
     expanded = sweep.expand(spec)
     root = tmp_path / "root"
     root.mkdir()
-    from sparsescale.train import estimate_cost
+    try:
+        from sparsescale.accounting import estimate_cost
+    except ImportError:  # before the trainer split
+        from sparsescale.train import estimate_cost
 
     costs = [estimate_cost(c) for c in expanded.configs]
     assert costs[1]["n_params_nonzero"] < costs[0]["n_params_nonzero"]
     text = cost.dry_run_table(expanded, root)
     assert "no calibration for ['cpu_25k']" in text and not (root / "sweep.json").exists()
     flops_per_s = costs[0]["train_flops"] / 10.0  # the first run would take 10 s
-    state.write_json_atomic(root / "calibration.json", {"cpu_25k": {"flops_per_s": flops_per_s}})
+    run_files.write_json_atomic(
+        root / "calibration.json", {"cpu_25k": {"flops_per_s": flops_per_s}}
+    )
     lines = cost.dry_run_table(expanded, root).splitlines()
-    assert lines[1].split()[0] == "sparsity-0.5" and lines[1].split()[-1] == "10s"
+    assert lines[1].split()[0] == "target-0.5" and lines[1].split()[-1] == "10s"
     expected_s = costs[1]["train_flops"] / flops_per_s
     assert lines[2].split()[-1] == f"{expected_s:.0f}s"

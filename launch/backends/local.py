@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from launch import stacking, state, status
 from launch.sweep import Run, Sweep, SweepError, save_sweep, trainer_command
+from sparsescale import run_files
 
 THREADS_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "threads.json"
 SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -41,7 +42,7 @@ def available_cpus() -> list[int]:
 def default_jobs_threads(threads_json: Path = THREADS_JSON) -> tuple[int, int, str]:
     """(jobs, threads, where the choice came from) for this machine."""
     cores = len(available_cpus())
-    measured = state.read_json(threads_json)
+    measured = run_files.read_json(threads_json)
     if measured and measured.get("cores") == cores and "best" in measured:
         best = measured["best"]
         return int(best["jobs"]), int(best["threads"]), f"measured in {threads_json}"
@@ -133,7 +134,7 @@ def run_local(sweep: Sweep, root: Path, options: LocalOptions, out: IO[str] = sy
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     printer = _Printer(out, options.refresh_s)
-    with state.file_lock(root / ".launcher.lock", blocking=False) as locked:
+    with run_files.file_lock(root / ".launcher.lock", blocking=False) as locked:
         if not locked:
             raise SweepError(
                 f"{root}: another launcher is running this sweep (lock .launcher.lock)"
@@ -218,7 +219,7 @@ def _start(sweep: Sweep, runs: list[Run], root: Path, slots: list[list[int]], sl
                 for r, w in zip(runs, workdirs, strict=True)
             ]
         }
-        state.write_json_atomic(jobdir / f"{name}.json", job)
+        run_files.write_json_atomic(jobdir / f"{name}.json", job)
         command = [sys.executable, "-m", "sparsescale.stack", str(jobdir / f"{name}.json")]
         stderr = jobdir / f"{name}.stderr.log"
         for f in logs:

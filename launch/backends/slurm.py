@@ -23,6 +23,7 @@ import submitit
 from launch import state, status
 from launch.backends.local import _needs_work, child_env, open_logs
 from launch.sweep import Resources, Run, Sweep, SweepError, save_sweep, trainer_command
+from sparsescale import run_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,7 @@ def run_slurm(sweep: Sweep, root: Path, options: SlurmOptions, out: IO[str] = sy
     """Submit unfinished runs; with `wait`, resubmit failures until done. Returns failed runs."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    with state.file_lock(root / ".launcher.lock", blocking=False) as locked:
+    with run_files.file_lock(root / ".launcher.lock", blocking=False) as locked:
         if not locked:
             raise SweepError(
                 f"{root}: another launcher is running this sweep (lock .launcher.lock)"
