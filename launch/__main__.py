@@ -8,6 +8,7 @@ python -m launch collect runs/fig1
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -51,16 +52,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from launch import signals
     from launch.sweep import SweepError
+    from sparsescale.run_files import RunFileError
 
     try:
-        return _dispatch(args)
-    except SweepError as e:
+        with signals.interrupts():  # SIGTERM takes the Ctrl-C path
+            return _dispatch(args)
+    except (SweepError, RunFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        cause = getattr(e, "signame", "SIGINT")
+        print(
+            f"interrupted by {cause}: trainers stopped, their attempts recorded as interrupted; "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 128 + getattr(signal, cause, signal.SIGINT).value
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -115,6 +115,23 @@ def finish_attempt(
     return attempt
 
 
+def finished_since(workdir: Path, since: float) -> bool:
+    """Whether the run wrote summary.json at or after `since` (time.time())."""
+    summary = Path(workdir) / run_files.SUMMARY
+    try:
+        return summary.stat().st_mtime >= since
+    except FileNotFoundError:
+        return False
+
+
+def close_interrupted(workdir: Path, n: int, exit_code: int | None, reason: str) -> None:
+    """Close attempt `n` as interrupted (stopped from outside; not counted as a failure)."""
+    with edit_launch_state(workdir) as state:
+        state["attempts"][n - 1].update(
+            ended=now_iso(), exit_code=exit_code, outcome=INTERRUPTED, error=reason
+        )
+
+
 def error_line(path: Path) -> str:
     """The most telling line of a stderr tail: the last exception/error line, else the last line."""
     try:

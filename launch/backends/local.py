@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from launch import stacking, state, status
+from launch import signals, stacking, state, status
 from launch.sweep import Run, Sweep, SweepError, save_sweep, trainer_command
-from sparsescale import run_files
+from sparsescale import run_files, tuning
 
-THREADS_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "threads.json"
 SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+STOP_GRACE_S = 10.0  # after SIGTERM, trainers get this long to exit before SIGKILL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,14 +39,9 @@ def available_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
-def default_jobs_threads(threads_json: Path = THREADS_JSON) -> tuple[int, int, str]:
-    """(jobs, threads, where the choice came from) for this machine."""
-    cores = len(available_cpus())
-    measured = run_files.read_json(threads_json)
-    if measured and measured.get("cores") == cores and "best" in measured:
-        best = measured["best"]
-        return int(best["jobs"]), int(best["threads"]), f"measured in {threads_json}"
-    return cores, 1, f"one job per core ({threads_json} has no measurement for {cores} cores)"
+def default_jobs_threads() -> tuple[int, int, str]:
+    """(jobs, threads, where the choice came from) for this machine (`sparsescale.tuning`)."""
+    return tuning.jobs_threads(len(available_cpus()))
 
 
 def validate_jobs_threads(jobs: int, threads: int) -> None:
@@ -134,7 +129,8 @@ def run_local(sweep: Sweep, root: Path, options: LocalOptions, out: IO[str] = sy
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     printer = _Printer(out, options.refresh_s)
-    with run_files.file_lock(root / ".launcher.lock", blocking=False) as locked:
+    lock = run_files.file_lock(root / ".launcher.lock", blocking=False)
+    with signals.interrupts(), lock as locked:
         if not locked:
             raise SweepError(
                 f"{root}: another launcher is running this sweep (lock .launcher.lock)"
@@ -162,39 +158,78 @@ def run_local(sweep: Sweep, root: Path, options: LocalOptions, out: IO[str] = sy
         try:
             while queue or active:
                 for job in [j for j in active if j.process.poll() is not None]:
-                    active.remove(job)
-                    for f in job.logs:
-                        f.close()
-                    retry = []
-                    for run, n in zip(job.runs, job.attempts, strict=True):
-                        attempt = state.finish_attempt(
-                            root / run.run_id, n, job.process.returncode, job.started, job.stderr
-                        )
-                        if attempt["outcome"] == state.DONE:
-                            printer.event(f"{run.run_id}: done")
-                            continue
-                        failures[run.run_id] += 1
-                        again = failures[run.run_id] <= options.max_retries
-                        printer.event(
-                            f"{run.run_id}: failed ({attempt['error']})"
-                            + (", will retry" if again else ", no retries left")
-                        )
-                        if again:
-                            retry.append(run)
+                    with signals.deferred():
+                        retry = _finish(job, root, failures, options, printer)
+                        active.remove(job)
                     if retry:  # a subset of a stack is still a stack
                         queue.append(retry)
                 free = sorted(set(range(options.jobs)) - {j.slot for j in active})
                 while queue and free:
-                    active.append(_start(sweep, queue.pop(0), root, slots, free.pop(0)))
+                    with signals.deferred():
+                        active.append(_start(sweep, queue.pop(0), root, slots, free.pop(0)))
                     printer.event(f"{active[-1].name}: started")
                 printer.table(root, record)
                 time.sleep(options.poll_s)
-        finally:
-            for job in active:  # Ctrl-C: stop children; their attempts read as interrupted
-                job.process.terminate()
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (signals.Interrupted)
+            with signals.shielded():
+                cause = getattr(e, "signame", "SIGINT")
+                printer.event(f"interrupted by {cause}: stopping {len(active)} jobs")
+                _stop(active, root, cause)
+            raise
         printer.table(root, record, force=True)
     final = status.sweep_statuses(root, record)
     return sum(s.status == state.FAILED for s in final)
+
+
+def _finish(
+    job: _Active, root: Path, failures: dict[str, int], options: LocalOptions, printer: _Printer
+) -> list[Run]:
+    """Close the attempts of a job whose process exited; returns its runs to retry."""
+    for f in job.logs:
+        f.close()
+    retry = []
+    for run, n in zip(job.runs, job.attempts, strict=True):
+        attempt = state.finish_attempt(
+            root / run.run_id, n, job.process.returncode, job.started, job.stderr
+        )
+        if attempt["outcome"] == state.DONE:
+            printer.event(f"{run.run_id}: done")
+            continue
+        failures[run.run_id] += 1
+        again = failures[run.run_id] <= options.max_retries
+        printer.event(
+            f"{run.run_id}: failed ({attempt['error']})"
+            + (", will retry" if again else ", no retries left")
+        )
+        if again:
+            retry.append(run)
+    return retry
+
+
+def _stop(active: list[_Active], root: Path, cause: str) -> None:
+    """Stop every trainer (SIGTERM, then SIGKILL after STOP_GRACE_S) and close its attempts: done
+    if the run finished meanwhile, else interrupted (not a failure: the next launch resumes it)."""
+    for job in active:
+        if job.process.poll() is None:
+            job.process.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for job in active:
+        try:
+            job.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            job.process.kill()
+            job.process.wait()
+    for job in active:
+        for f in job.logs:
+            f.close()
+        for run, n in zip(job.runs, job.attempts, strict=True):
+            workdir = root / run.run_id
+            if state.finished_since(workdir, job.started):
+                state.finish_attempt(workdir, n, 0, job.started)
+            else:
+                state.close_interrupted(
+                    workdir, n, job.process.returncode, f"launcher stopped by {cause}"
+                )
 
 
 def _start(sweep: Sweep, runs: list[Run], root: Path, slots: list[list[int]], slot: int) -> _Active:
@@ -230,14 +265,28 @@ def _start(sweep: Sweep, runs: list[Run], root: Path, slots: list[list[int]], sl
     out.write(json.dumps(command) + "\n")
     out.flush()
     started = time.time()
-    process = subprocess.Popen(
-        command,
-        stdout=out,
-        stderr=err,
-        stdin=subprocess.DEVNULL,
-        env=child_env(len(cpus)),
-        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
-    )
+    try:
+        process = spawn(command, cpus, stdout=out, stderr=err, env=child_env(len(cpus)))
+    except OSError as e:
+        for f in logs:
+            f.close()
+        for workdir, n in zip(workdirs, attempts, strict=True):
+            state.close_interrupted(workdir, n, None, f"could not start {command[:3]}: {e}")
+        raise SweepError(f"could not start the trainer {command[:3]}: {e}") from e
     for workdir, n in zip(workdirs, attempts, strict=True):
         state.mark_started(workdir, n, process.pid)
     return _Active(runs, attempts, process, logs, started, slot, stderr)
+
+
+def spawn(command: list[str], cpus: list[int], **kwargs: Any) -> subprocess.Popen:
+    """Start `command` pinned to `cpus` without running Python's fork handlers in this process,
+    which has imported JAX (config validation) and is multithreaded: no `preexec_fn` (that path
+    calls os.fork's at-fork hooks, where JAX warns of deadlocks), so subprocess uses vfork/exec.
+    The child inherits the CPU affinity of the thread that starts it, so this thread takes the
+    child's cores for the call and gets its own back after."""
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, close_fds=True, **kwargs)
+    finally:
+        os.sched_setaffinity(0, own)

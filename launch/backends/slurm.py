@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import submitit
 
-from launch import state, status
+from launch import signals, state, status
 from launch.backends.local import _needs_work, child_env, open_logs
 from launch.sweep import Resources, Run, Sweep, SweepError, save_sweep, trainer_command
 from sparsescale import run_files
@@ -83,27 +83,28 @@ def submit(sweep: Sweep, root: Path, runs: list[Run], options: SlurmOptions) -> 
     for run in runs:
         groups[run.resources].append(run)
     job_ids = []
-    for resources, group in groups.items():
-        attempts = [state.begin_attempt(root / r.run_id, "slurm") for r in group]
-        multihost = resources.tasks > 1
-        commands = [
-            trainer_command(sweep, r, root / r.run_id, sys.executable, multihost) for r in group
-        ]
-        executor = _executor(root, resources, options, f"{sweep.experiment}")
-        n = len(group)
-        try:
-            jobs = executor.map_array(
-                run_job, [str(root)] * n, [r.run_id for r in group], attempts, commands,
-                [resources.cpus_per_task] * n,
-            )  # fmt: skip
-        except Exception as e:
-            for r, a in zip(group, attempts, strict=True):
-                state.update_attempt(root / r.run_id, a, ended=state.now_iso(),
-                                     outcome=state.INTERRUPTED, error=f"submission failed: {e}")  # fmt: skip
-            raise SweepError(f"Slurm submission of {n} runs failed: {e}") from e
-        for r, a, job in zip(group, attempts, jobs, strict=True):
-            state.update_attempt(root / r.run_id, a, slurm_job_id=str(job.job_id))
-            job_ids.append(str(job.job_id))
+    with signals.deferred():  # a signal mid-submission is raised once job ids are recorded
+        for resources, group in groups.items():
+            attempts = [state.begin_attempt(root / r.run_id, "slurm") for r in group]
+            multihost = resources.tasks > 1
+            commands = [
+                trainer_command(sweep, r, root / r.run_id, sys.executable, multihost) for r in group
+            ]
+            executor = _executor(root, resources, options, f"{sweep.experiment}")
+            n = len(group)
+            try:
+                jobs = executor.map_array(
+                    run_job, [str(root)] * n, [r.run_id for r in group], attempts, commands,
+                    [resources.cpus_per_task] * n,
+                )  # fmt: skip
+            except Exception as e:
+                for r, a in zip(group, attempts, strict=True):
+                    state.update_attempt(root / r.run_id, a, ended=state.now_iso(),
+                                         outcome=state.INTERRUPTED, error=f"submission failed: {e}")  # fmt: skip
+                raise SweepError(f"Slurm submission of {n} runs failed: {e}") from e
+            for r, a, job in zip(group, attempts, jobs, strict=True):
+                state.update_attempt(root / r.run_id, a, slurm_job_id=str(job.job_id))
+                job_ids.append(str(job.job_id))
     return job_ids
 
 

@@ -1,0 +1,144 @@
+"""Issue 19, launcher faults: each test injects one and checks no result is lost or corrupted and
+that the message names the cause. SIGTERM to the launcher, leftover orbax temporary checkpoint
+directories, forking a JAX-threaded launcher, crafted or damaged `sweep.json`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from launch import stacking, state, status, sweep
+from launch.backends import local
+from sparsescale import run_files
+
+EXPERIMENT = """
+import ml_collections
+from experiments import common
+
+def get_config(arg):
+    c = common.smoke(common.base_config())
+    c.experiment = "faults"
+    c.sparsity.structure = "unstructured"
+    c.sparsity.target = 0.5
+    c.train.steps = {steps}
+    c.train.log_every = 5
+    c.train.ckpt_every = 50
+    return c
+
+def get_sweep(arg):
+    return {sweep!r}
+"""
+
+
+def write_experiment(tmp_path: Path, runs: list[dict], steps: int = 2000) -> str:
+    path = tmp_path / "faults.py"
+    path.write_text(EXPERIMENT.format(sweep=runs, steps=steps))
+    return f"{path}:smoke"
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _alive(attempt: dict) -> bool:
+    pid = attempt.get("pid")
+    return pid is not None and state.process_start_time(pid) == attempt.get("pid_start")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_trainers_and_closes_attempts(tmp_path):
+    """SIGTERM to the launcher alone (as Slurm sends it) while a stacked job and a single run
+    train: no trainer survives, every attempt is closed as interrupted naming SIGTERM, the lock
+    is released, runs read as pending (resumable, not failed), and no fork warning is printed."""
+    runs = [{"sparsity.target": t} for t in (0.5, 0.75, 0.875)]
+    spec, root = write_experiment(tmp_path, runs), tmp_path / "root"
+    args = ["run", spec, "--root", str(root), "--jobs", "2", "--threads", "1", "--stack", "2"]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launch", *args],
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ids = [sweep.make_run_id(r) for r in runs]
+
+    def attempts(run_id):
+        launch = run_files.read_json(root / run_id / run_files.LAUNCH)
+        return launch["attempts"] if launch else []
+
+    try:
+        _wait_for(lambda: all(attempts(r) and attempts(r)[-1].get("pid") for r in ids), 120,
+                  "all trainers started")  # fmt: skip
+        started = {r: attempts(r)[-1] for r in ids}
+        assert len({a["pid"] for a in started.values()}) == 2  # a stacked job and a single run
+        assert all(_alive(a) for a in started.values())
+        launcher.send_signal(signal.SIGTERM)
+        out, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err and "run the same command again" in err
+    assert "os.fork()" not in err, err  # children are not started by forking this JAX process
+    for run_id, before in started.items():
+        assert not _alive(before), f"trainer of {run_id} survived the launcher"
+        last = attempts(run_id)[-1]
+        assert last["ended"] is not None and last["outcome"] == state.INTERRUPTED
+        assert "SIGTERM" in last["error"]
+    with run_files.file_lock(root / ".launcher.lock", blocking=False) as locked:
+        assert locked  # released
+    statuses = status.sweep_statuses(root)
+    assert [s.status for s in statuses] == [state.PENDING] * 3
+    assert all(s.failures == 0 for s in statuses)
+
+
+def test_spawn_does_not_fork_a_jax_threaded_process_and_pins_cores():
+    import jax.numpy as jnp
+
+    (jnp.ones(8) * 2).block_until_ready()  # JAX is imported and its threads run
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # the old way (preexec_fn) runs os.fork's hooks, where JAX warns: the check can see it
+        subprocess.Popen([sys.executable, "-c", "pass"], preexec_fn=lambda: None).wait()
+    assert any("os.fork()" in str(w.message) for w in caught)
+
+    own = os.sched_getaffinity(0)
+    cpu = max(own)
+    probe = "import os; print(sorted(os.sched_getaffinity(0)))"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        child = local.spawn([sys.executable, "-c", probe], [cpu], stdout=subprocess.PIPE)
+        out, _ = child.communicate(timeout=30)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], caught
+    assert json.loads(out) == [cpu]  # pinned
+    assert os.sched_getaffinity(0) == own  # the launcher's own cores are given back
+
+
+def test_temporary_checkpoint_dirs_are_not_checkpoints(tmp_path):
+    """A writer killed mid-save leaves `<step>.orbax-checkpoint-tmp-*`: that run has nothing to
+    resume from, so it still stacks with its fresh neighbours instead of restarting alone."""
+    spec = write_experiment(tmp_path, [{"sparsity.target": t} for t in (0.5, 0.75)], steps=20)
+    expanded = sweep.expand(spec)
+    root = tmp_path / "root"
+    first = root / expanded.runs[0].run_id / run_files.CHECKPOINTS
+    (first / "10.orbax-checkpoint-tmp-1733000000123456").mkdir(parents=True)
+    assert not stacking.has_checkpoint(first.parent)
+    assert stacking.plan(expanded, list(expanded.runs), root, jobs=1, max_stack=4) == [
+        list(expanded.runs)
+    ]
+    (first / "10").mkdir()  # a finalized step: resume it alone
+    assert stacking.has_checkpoint(first.parent)
+    planned = stacking.plan(expanded, list(expanded.runs), root, jobs=1, max_stack=4)
+    assert planned == [[expanded.runs[0]], [expanded.runs[1]]]
