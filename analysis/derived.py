@@ -1,90 +1,69 @@
-"""Results derived from fits and raw runs: loss gap, tolerance S*(N), effective parameters,
-compute-optimal sparsity and the structure penalty.
+"""Results derived from a fitted sparse law (loss gap, tolerance S*(N), effective parameters,
+compute-optimal sparsity) and the structure penalty of N:M / block runs.
 
-"Same size" means the same total parameter count: a model of total size N at sparsity S has
-N (1 - S f) non-zero parameters, where f is the prunable fraction of its parameters.
+Sizes are non-embedding parameters: a model of non-embedding size N at sparsity S keeps
+N (1 − S f) non-zero non-embedding parameters, f = its own prunable fraction (`load.PRUNABLE_
+FRACTION`, < 1: norms and biases are never pruned). Gaps and S* measured from runs: `analysis.gap`.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import pandas as pd
 import scipy.optimize
 
 from analysis.fit import FitResult, sparse_law
+from analysis.gap import Tolerance
 
 _KEYS = ("task", "n_params_total", "tokens")
-
-
-@dataclasses.dataclass(frozen=True)
-class Tolerance:
-    """A sparse model is 'within tolerance' if L_sparse - L_dense <= eps (nats), or, with
-    `relative`, <= eps * L_dense."""
-
-    eps: float = 0.02
-    relative: bool = False
-
-    def __post_init__(self):
-        if not self.eps > 0:
-            raise ValueError(f"Tolerance.eps={self.eps}; expected > 0")
-
-    def threshold(self, dense_loss):
-        return self.eps * np.asarray(dense_loss, float) if self.relative else self.eps
-
-    def describe(self) -> str:
-        return f"{self.eps:g} × dense loss" if self.relative else f"{self.eps:g} nats"
 
 
 # --- from a fitted sparse law -------------------------------------------------------------------
 
 
-def loss_gap(params: dict, sparsity, n_total, tokens, prunable_fraction: float = 1.0):
-    """Fitted ΔL(S, N) = L(S, N(1 - S f), D) - L(0, N, D) at equal total size N."""
+def loss_gap(params: dict, sparsity, n_size, tokens, prunable_fraction=1.0):
+    """Fitted ΔL(S, N) = L(S, N(1 − S f), D) − L(0, N, D) at equal non-embedding size N."""
     s = np.asarray(sparsity, float)
-    n = np.asarray(n_total, float)
-    sparse = sparse_law(params, s, n * (1.0 - s * prunable_fraction), tokens)
+    n = np.asarray(n_size, float)
+    sparse = sparse_law(params, s, n * (1.0 - s * np.asarray(prunable_fraction, float)), tokens)
     return sparse - sparse_law(params, 0.0, n, tokens)
 
 
-def _s_star(params, n_total, tokens, tol, prunable_fraction, s_max, n_grid=400):
-    dense = float(sparse_law(params, 0.0, n_total, tokens))
-    limit = float(tol.threshold(dense))
-    s_grid = np.linspace(0.0, s_max, n_grid)
-    ok = loss_gap(params, s_grid, n_total, tokens, prunable_fraction) <= limit
-    if ok.all():
-        return s_max
-    first_bad = int(np.argmax(~ok))
-    if first_bad == 0:
-        return 0.0
-    f = lambda s: float(loss_gap(params, s, n_total, tokens, prunable_fraction)) - limit
-    return float(scipy.optimize.brentq(f, s_grid[first_bad - 1], s_grid[first_bad], xtol=1e-10))
+def _s_star(params, n, d, tol, f, s_min, s_max):
+    limit = float(tol.threshold(float(sparse_law(params, 0.0, n, d))))
+    gap = lambda s: float(loss_gap(params, s, n, d, f)) - limit  # noqa: E731
+    if gap(s_min) > 0:
+        return s_min, "below"
+    if gap(s_max) <= 0:
+        return s_max, "above"
+    return float(scipy.optimize.brentq(gap, s_min, s_max, xtol=1e-10)), "bracketed"
 
 
 def tolerance_from_fit(
     fit: FitResult,
-    n_total,
+    n_size,
     tokens,
     tol: Tolerance | None = None,
     *,
-    prunable_fraction: float = 1.0,
-    s_max: float = 0.999,
+    prunable_fraction=1.0,
+    s_range: tuple[float, float] = (0.5, 0.9375),
 ) -> pd.DataFrame:
-    """S*(N): the largest sparsity (≤ s_max) whose fitted loss is within `tol` of the dense
-    model of the same total size, for each N; interval from the fit's bootstrap samples."""
+    """S*(N) from the fitted law: the largest S in `s_range` (the tested sparsities) whose ΔL is
+    within `tol` of the dense model of equal non-embedding size, for each N (with its own
+    prunable fraction); censored ("below" / "above") outside the range; bootstrap interval."""
     tol = tol or Tolerance()
     if fit.law != "sparse":
         raise ValueError(f"tolerance needs a 'sparse' law fit, got {fit.law!r}")
-    n_total = np.atleast_1d(np.asarray(n_total, float))
-    tokens = np.broadcast_to(np.asarray(tokens, float), n_total.shape)
+    n_size = np.atleast_1d(np.asarray(n_size, float))
+    tokens = np.broadcast_to(np.asarray(tokens, float), n_size.shape)
+    fracs = np.broadcast_to(np.asarray(prunable_fraction, float), n_size.shape)
     q = [(1 - fit.config.ci_level) / 2, (1 + fit.config.ci_level) / 2]
     rows = []
-    for n, d in zip(n_total, tokens, strict=True):
-        s = _s_star(fit.params, n, d, tol, prunable_fraction, s_max)
-        boot = [_s_star(p, n, d, tol, prunable_fraction, s_max) for p in fit.param_samples()]
+    for n, d, f in zip(n_size, tokens, fracs, strict=True):
+        s, status = _s_star(fit.params, n, d, tol, f, *s_range)
+        boot = [_s_star(p, n, d, tol, f, *s_range)[0] for p in fit.param_samples()]
         lo, hi = np.quantile(boot, q) if boot else (np.nan, np.nan)
-        rows.append({"n_params_total": n, "tokens": d, "s_star": s, "lo": lo, "hi": hi})
+        rows.append({"size": n, "tokens": d, "s_star": s, "status": status, "lo": lo, "hi": hi})
     return pd.DataFrame(rows)
 
 
@@ -130,92 +109,6 @@ def optimal_sparsity(params: dict, n_nonzero, compute, *, s_max: float = 0.999) 
             }
         )
     return pd.DataFrame(rows)
-
-
-# --- from raw runs ------------------------------------------------------------------------------
-
-
-def raw_loss_gap(df: pd.DataFrame, structure: str = "unstructured") -> pd.DataFrame:
-    """Measured ΔL per (task, total size, tokens, sparsity): mean loss over seeds minus the mean
-    dense loss of the same total size and tokens. Rows without a dense partner are dropped."""
-    dense = df[df["structure"] == "dense"].groupby(list(_KEYS))["eval_loss"].mean()
-    dense = dense.rename("dense_loss").reset_index()
-    sparse = df[(df["structure"] == structure) & (df["sparsity"] > 0)]
-    cells = (
-        sparse.groupby([*_KEYS, "sparsity"])["eval_loss"]
-        .agg(loss="mean", loss_std="std", n_seeds="count")
-        .reset_index()
-    )
-    out = cells.merge(dense, on=list(_KEYS), how="inner")
-    out["gap"] = out["loss"] - out["dense_loss"]
-    return out.sort_values([*_KEYS, "sparsity"]).reset_index(drop=True)
-
-
-def _raw_s_star(sparsities, gaps, limit):
-    """Largest sparsity within `limit`, interpolating the gap linearly between tested levels
-    (starting from gap 0 at S=0). Returns (S*, censored) where censored = never exceeded."""
-    s = np.concatenate([[0.0], sparsities])
-    g = np.concatenate([[0.0], gaps])
-    bad = np.nonzero(g > limit)[0]
-    if not len(bad):
-        return float(s[-1]), True
-    j = int(bad[0])
-    frac = (limit - g[j - 1]) / (g[j] - g[j - 1])
-    return float(s[j - 1] + frac * (s[j] - s[j - 1])), False
-
-
-def tolerance_from_runs(
-    df: pd.DataFrame,
-    tol: Tolerance | None = None,
-    *,
-    n_boot: int = 200,
-    ci_level: float = 0.95,
-    seed: int = 0,
-) -> pd.DataFrame:
-    """S*(N) from measured losses; interval by resampling seeds within each (size, S) cell.
-
-    `censored` marks sizes where even the highest tested sparsity stays within tolerance.
-    """
-    tol = tol or Tolerance()
-    rng = np.random.default_rng(seed)
-    q = [(1 - ci_level) / 2, (1 + ci_level) / 2]
-    dense_all = df[df["structure"] == "dense"]
-    sparse_all = df[(df["structure"] == "unstructured") & (df["sparsity"] > 0)]
-    rows = []
-    for key, dense in dense_all.groupby(list(_KEYS)):
-        sel = np.ones(len(sparse_all), bool)
-        for col, value in zip(_KEYS, key, strict=True):
-            sel &= (sparse_all[col] == value).to_numpy()
-        sparse = sparse_all[sel]
-        if sparse.empty:
-            continue
-        levels = np.sort(sparse["sparsity"].unique())
-        groups = [sparse.loc[sparse["sparsity"] == s, "eval_loss"].to_numpy() for s in levels]
-        d_loss = dense["eval_loss"].to_numpy()
-
-        def s_star(d, gs, levels=levels):
-            gaps = np.array([g.mean() for g in gs]) - d.mean()
-            return _raw_s_star(levels, gaps, float(tol.threshold(d.mean())))
-
-        point, censored = s_star(d_loss, groups)
-        boot = [
-            s_star(rng.choice(d_loss, len(d_loss)), [rng.choice(g, len(g)) for g in groups])[0]
-            for _ in range(n_boot)
-        ]
-        lo, hi = np.quantile(boot, q) if boot else (point, point)
-        rows.append(
-            dict(zip(_KEYS, key, strict=True))
-            | {
-                "s_star": point,
-                "lo": lo,
-                "hi": hi,
-                "censored": censored,
-                "dense_loss": d_loss.mean(),
-                "n_seeds": len(d_loss),
-            }
-        )
-    cols = [*_KEYS, "s_star", "lo", "hi", "censored", "dense_loss", "n_seeds"]
-    return pd.DataFrame(rows, columns=cols)
 
 
 def structure_penalty(df: pd.DataFrame) -> pd.DataFrame:

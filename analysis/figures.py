@@ -1,14 +1,11 @@
 """One function per figure; each returns the Figure and, given `path`, saves `path`.png/.pdf.
 
-    python -m analysis.figures --results <table or sweep root> --out <dir>
-    python -m analysis.figures --published t5 --out <dir>
-
-draws every figure the data supports and writes <dir>/report.md (see analysis.report).
+Size axes are non-embedding parameters (non-zero ones for sparse runs); titles or subtitles say
+the training regime. The command line lives in `python -m analysis` (analysis/__main__.py).
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -19,8 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis import derived  # noqa: E402
+from analysis import derived, gap  # noqa: E402
 from analysis.fit import FitResult, moe_law, sparse_law  # noqa: E402
+from analysis.load import N_FIT, SIZE  # noqa: E402
 
 plt.rcParams.update({"figure.dpi": 110, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3})
 
@@ -43,6 +41,23 @@ def _readable_log_axes(ax) -> None:
         ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
 
 
+def _short(v: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(v) >= div:
+            return f"{v / div:g}{unit}"
+    return f"{v:g}"
+
+
+def size_axis(ax, axis: str = "x") -> None:
+    """Log size axis with ticks at 1, 2, 5 × 10^k labelled 10K, 20K, ... (readable over any
+    range of more than a factor of ~2.5)."""
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    target.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _short(v)))
+    target.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def _sparsity_colors(levels) -> dict[float, tuple]:
     levels = sorted(set(levels))
     cmap = plt.get_cmap("viridis")
@@ -50,8 +65,8 @@ def _sparsity_colors(levels) -> dict[float, tuple]:
 
 
 def _tokens_model(df: pd.DataFrame):
-    """D as a function of N for drawing curves: log-linear fit of tokens on total params."""
-    logn, logd = np.log(df["n_params_total"]), np.log(df["tokens"])
+    """D as a function of non-embedding size N for drawing curves: log-linear fit."""
+    logn, logd = np.log(df[SIZE]), np.log(df["tokens"])
     if logn.nunique() < 2 or logd.nunique() < 2:
         d = float(np.exp(logd.mean()))
         return lambda n: np.full_like(np.asarray(n, float), d)
@@ -59,45 +74,34 @@ def _tokens_model(df: pd.DataFrame):
     return lambda n: np.exp(icept + slope * np.log(n))
 
 
-def _token_panels(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame, object]]:
-    """Up to 3 panels, one per token budget; else one panel with D following N."""
-    token_values = np.sort(df["tokens"].unique())
-    if len(token_values) <= 3:
-        return [
-            (f"D = {d:.3g}", df[df["tokens"] == d], (lambda n, d=d: np.full_like(n, d)))
-            for d in token_values
-        ]
-    return [("D varies with N (log-linear)", df, _tokens_model(df))]
+def _regime_panels(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame, object]]:
+    """One panel per training-budget regime (`gap.regimes`), each with its N→D relation."""
+    df = df.assign(regime=gap.regimes(df))
+    return [(str(r), sub, _tokens_model(sub)) for r, sub in df.groupby("regime")]
 
 
 def plot_loss_vs_params(df: pd.DataFrame, fit: FitResult | None = None, path=None) -> plt.Figure:
-    """Final eval loss vs non-zero params, coloured by sparsity, with the fitted sparse law."""
+    """Final eval loss vs non-zero non-embedding params, coloured by sparsity, one panel per
+    regime, with the fitted sparse law."""
     data = df[df["structure"].isin(["dense", "unstructured"])]
-    panels = _token_panels(data)
+    panels = _regime_panels(data)
     colors = _sparsity_colors(data["sparsity"])
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False, sharey=True
+        1, len(panels), figsize=(4.6 * len(panels), 3.9), squeeze=False, sharey=True
     )
     for ax, (title, sub, tokens_of) in zip(axes[0], panels, strict=True):
         for s, color in colors.items():
             pts = sub[sub["sparsity"] == s]
             if pts.empty:
                 continue
-            ax.scatter(
-                pts["n_params_nonzero"],
-                pts["eval_loss"],
-                color=color,
-                s=22,
-                zorder=3,
-                label=f"S={s:g}",
-            )
+            ax.scatter(pts[N_FIT], pts["eval_loss"], color=color, s=22, zorder=3, label=f"S={s:g}")
             if fit is not None:
-                n = np.geomspace(
-                    pts["n_params_nonzero"].min() / 1.5, pts["n_params_nonzero"].max() * 1.5, 100
-                )
-                d = tokens_of(n / (1 - s))
+                f = float(pts["prunable_fraction"].median())
+                n = np.geomspace(pts[N_FIT].min() / 1.3, pts[N_FIT].max() * 1.3, 100)
+                d = tokens_of(n / (1 - s * f))
                 ax.plot(n, sparse_law(fit.params, s, n, d), color=color, lw=1.4)
-        ax.set(xscale="log", yscale="log", xlabel="non-zero parameters N", title=title)
+        ax.set(yscale="log", xlabel="non-zero non-embedding parameters N", title=title)
+        size_axis(ax)
         _readable_log_axes(ax)
     axes[0, 0].set_ylabel("eval loss")
     axes[0, -1].legend(fontsize=8, title="sparsity" + (" (lines: fit)" if fit else ""))
@@ -105,150 +109,128 @@ def plot_loss_vs_params(df: pd.DataFrame, fit: FitResult | None = None, path=Non
     return save(fig, path)
 
 
+def _panel_keys(frame: pd.DataFrame) -> list[tuple]:
+    return sorted({(t, r) for t, r in zip(frame["task"], frame["regime"], strict=True)})
+
+
+def _panel_title(task: str, regime: str, subtitles: dict | None, n_tasks: int) -> str:
+    text = (subtitles or {}).get(regime, regime)
+    return f"{task} — {text}" if n_tasks > 1 else text
+
+
+def _value_axis(ax) -> None:
+    """Log value axis with plain labels at 1, 2, 5 × 10^k."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def plot_loss_gap(
-    df: pd.DataFrame, fit: FitResult | None = None, path=None, prunable_fraction: float = 1.0
+    cells: pd.DataFrame, scaling: pd.DataFrame | None = None, path=None, subtitles=None
 ) -> plt.Figure:
-    """ΔL = L(sparse) − L(dense) at equal total size vs total size, per sparsity."""
-    gaps = derived.raw_loss_gap(df)
-    levels = sorted(set(gaps["sparsity"]) | set(df.loc[df["sparsity"] > 0, "sparsity"]))
-    colors = _sparsity_colors(levels)
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    for s in levels:
-        pts = gaps[gaps["sparsity"] == s]
-        if len(pts):
-            err = pts["loss_std"].fillna(0).to_numpy()
+    """Paired ΔL vs non-embedding size per sparsity (`gap.gap_cells`), with each cell's
+    seed interval, and the fitted g(S)·N^−β (`gap.gap_scaling`); one panel per regime."""
+    if cells.empty:
+        raise ValueError("no paired gaps to draw")
+    keys = _panel_keys(cells)
+    colors = _sparsity_colors(cells["sparsity"])
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.0 * len(keys), 4.2), squeeze=False)
+    positive = (cells["gap"] > 0).all()
+    for ax, (task, regime) in zip(axes[0], keys, strict=True):
+        sub = cells[(cells["task"] == task) & (cells["regime"] == regime)]
+        for s, color in colors.items():
+            pts = sub[sub["sparsity"] == s].sort_values(SIZE)
+            if pts.empty:
+                continue
+            err = np.stack([pts["gap"] - pts["lo"], pts["hi"] - pts["gap"]])
+            err = np.where(np.isfinite(err), err, 0).clip(0)
+            label = f"S={s:g}"
+            if scaling is not None:
+                row = scaling[
+                    (scaling["task"] == task)
+                    & (scaling["regime"] == regime)
+                    & (scaling["sparsity"] == s)
+                ]
+                if len(row) and np.isfinite(row["beta"].iloc[0]):
+                    r = row.iloc[0]
+                    n = np.geomspace(pts[SIZE].min(), pts[SIZE].max(), 50)
+                    ax.plot(n, np.exp(r["log_g"]) * n ** -r["beta"], color=color, lw=1.2)
+                    label += f", β={r['beta']:.2g} [{r['lo']:.2g}, {r['hi']:.2g}]"
             ax.errorbar(
-                pts["n_params_total"],
-                pts["gap"],
-                yerr=err,
-                fmt="o",
-                ms=4,
-                color=colors[s],
-                label=f"S={s:g}",
-                zorder=3,
+                pts[SIZE], pts["gap"], yerr=err, fmt="o", ms=4, color=color, label=label, zorder=3
             )
-        if fit is not None:
-            n = np.geomspace(df["n_params_total"].min() / 1.5, df["n_params_total"].max() * 3, 80)
-            d = _tokens_model(df)(n)
-            ax.plot(
-                n,
-                derived.loss_gap(fit.params, s, n, d, prunable_fraction),
-                color=colors[s],
-                lw=1.4,
-                label=None if len(pts) else f"S={s:g} (fit)",
-            )
-            samples = fit.param_samples()
-            if samples:
-                curves = np.array(
-                    [derived.loss_gap(p, s, n, d, prunable_fraction) for p in samples]
-                )
-                q = [(1 - fit.config.ci_level) / 2, (1 + fit.config.ci_level) / 2]
-                lo, hi = np.quantile(curves, q, axis=0)
-                ax.fill_between(n, lo, hi, color=colors[s], alpha=0.2, lw=0)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set(
-        xscale="log",
-        xlabel="total parameters (same for sparse and dense)",
-        ylabel="ΔL = L_sparse − L_dense (nats)",
-        title="Loss cost of sparsity vs size",
-    )
-    _readable_log_axes(ax)
-    if len(gaps):  # keep the measured points in view when fitted bands are wide
-        spread = gaps["gap"] + gaps["loss_std"].fillna(0)
-        low = min(0.0, float((gaps["gap"] - gaps["loss_std"].fillna(0)).min()))
-        ax.set_ylim(low - 0.05 * float(spread.max()), 1.3 * float(spread.max()))
-    ax.legend(fontsize=8)
+        if not positive:
+            ax.axhline(0, color="k", lw=0.8)
+        ax.set(
+            xlabel="non-embedding parameters N",
+            title=_panel_title(task, regime, subtitles, cells["task"].nunique()),
+        )
+        size_axis(ax)
+        if positive:
+            _value_axis(ax)
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, title="bars: seed interval; lines: fit", title_fontsize=7)
+    axes[0, 0].set_ylabel("ΔL = L_sparse − L_dense, same seed (nats)")
     fig.tight_layout()
     return save(fig, path)
 
 
 def plot_task_gaps(df: pd.DataFrame, path=None) -> plt.Figure:
-    """Measured ΔL vs total size per sparsity, one panel per task (column `task`)."""
-    tasks = sorted(set(df["task"]))
-    levels = sorted(set(df.loc[df["sparsity"] > 0, "sparsity"]))
-    colors = _sparsity_colors(levels)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        gaps = derived.raw_loss_gap(df[df["task"] == task])
-        for s in levels:
-            pts = gaps[gaps["sparsity"] == s].sort_values("n_params_total")
-            ax.errorbar(
-                pts["n_params_total"],
-                pts["gap"],
-                yerr=pts["loss_std"].fillna(0).to_numpy(),
-                fmt="o-",
-                ms=4,
-                color=colors[s],
-                label=f"S={s:g}",
-            )
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xscale("log")
-        _readable_log_axes(ax)
-        ax.set_title(task)
-        ax.set_xlabel("total parameters")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("ΔL = L(sparse) − L(dense)  [nats/byte]")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    return save(fig, path)
+    """Paired ΔL vs non-embedding size per sparsity, one panel per task (and regime)."""
+    pairs = gap.paired_gaps(df)
+    if pairs.empty:
+        raise ValueError("no sparse run has a dense partner of the same seed")
+    cells = gap.gap_cells(pairs)
+    return plot_loss_gap(cells, gap.gap_scaling(cells), path)
 
 
-def plot_tolerance(
-    df: pd.DataFrame,
-    fit: FitResult | None = None,
-    tol: derived.Tolerance | None = None,
-    path=None,
-    prunable_fraction: float = 1.0,
-    n_boot_runs: int = 200,
-) -> plt.Figure:
-    """S*(N): largest sparsity within `tol` of the dense model of equal total size."""
-    tol = tol or derived.Tolerance()
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    if fit is not None:
-        n = np.geomspace(df["n_params_total"].min() / 1.5, df["n_params_total"].max() * 10, 25)
-        curve = derived.tolerance_from_fit(
-            fit, n, _tokens_model(df)(n), tol, prunable_fraction=prunable_fraction
-        )
-        ax.plot(curve["n_params_total"], curve["s_star"], color="C0", label="from fit")
-        if curve["lo"].notna().all():
-            ax.fill_between(
-                curve["n_params_total"],
-                curve["lo"],
-                curve["hi"],
-                color="C0",
-                alpha=0.2,
-                lw=0,
-                label=f"{fit.config.ci_level:.0%} bootstrap",
-            )
-    raw = derived.tolerance_from_runs(df, tol, n_boot=n_boot_runs)
-    if len(raw):
-        yerr = np.stack([raw["s_star"] - raw["lo"], raw["hi"] - raw["s_star"]]).clip(0)
-        ax.errorbar(
-            raw["n_params_total"],
-            raw["s_star"],
-            yerr=yerr,
-            fmt="o",
-            color="C3",
-            label="from runs (interpolated)",
-        )
-        cens = raw[raw["censored"].astype(bool)]
-        if len(cens):
-            ax.scatter(
-                cens["n_params_total"],
-                cens["s_star"],
-                marker="^",
-                s=60,
-                color="C3",
-                label="≥ (highest tested S)",
-            )
-    ax.set(
-        xscale="log",
-        ylim=(0, 1),
-        xlabel="total parameters N",
-        ylabel="S*(N)",
-        title=f"Tolerated sparsity (ΔL ≤ {tol.describe()})",
+_TOL_MARKERS = ("o", "s", "D", "P", "X", "*")
+
+
+def plot_tolerance(table: pd.DataFrame, path=None, subtitles=None) -> plt.Figure:
+    """S*(N) per tolerance (`gap.tolerance_table`), one panel per regime. Bracketed values with
+    their seed interval; censored ones as ▼ at s_min (S* below it) or ▲ at s_max (above)."""
+    if table.empty:
+        raise ValueError("no tolerance table to draw")
+    keys = _panel_keys(table)
+    tols = list(dict.fromkeys(table["tolerance"]))
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(5.0 * len(keys), 4.2), squeeze=False, sharey=True
     )
-    ax.legend(fontsize=8)
+    spread = np.linspace(-0.06, 0.06, len(tols))  # small x offsets (in log10) so markers stay apart
+    for ax, (task, regime) in zip(axes[0], keys, strict=True):
+        sub = table[(table["task"] == task) & (table["regime"] == regime)]
+        for k, tol in enumerate(tols):
+            pts = sub[sub["tolerance"] == tol].sort_values(SIZE)
+            x = pts[SIZE].to_numpy() * 10 ** spread[k]
+            color = f"C{k}"
+            br = (pts["status"] == "bracketed").to_numpy()
+            lo = np.nan_to_num(pts["s_star"] - pts["lo"]).clip(0)
+            hi = np.nan_to_num(pts["hi"] - pts["s_star"]).clip(0)
+            ax.errorbar(
+                x[br],
+                pts["s_star"][br],
+                yerr=np.stack([lo[br], hi[br]]),
+                fmt=_TOL_MARKERS[k % 6],
+                ms=5,
+                color=color,
+                label=f"ΔL ≤ {tol}",
+            )
+            for status, marker in (("below", "v"), ("above", "^")):
+                sel = (pts["status"] == status).to_numpy()
+                ax.scatter(x[sel], pts["s_star"][sel], marker=marker, s=40, color=color)
+        for bound in ("s_min", "s_max"):
+            ax.axhline(float(sub[bound].iloc[0]), color="gray", lw=0.7, ls=":")
+        ax.set(
+            xlabel="non-embedding parameters N",
+            ylim=(0.4, 1.0),
+            title=_panel_title(task, regime, subtitles, table["task"].nunique()),
+        )
+        size_axis(ax)
+        ax.title.set_fontsize(9)
+    axes[0, 0].set_ylabel("tolerated sparsity S*")
+    axes[0, -1].legend(fontsize=7, title="▼: S* < lowest tested S, ▲: > highest", title_fontsize=7)
     fig.tight_layout()
     return save(fig, path)
 
@@ -358,13 +340,11 @@ def plot_residuals(df: pd.DataFrame, fit: FitResult, path=None) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for s, color in colors.items():
         sel = (df["sparsity"] == s).to_numpy()
-        ax.scatter(
-            df.loc[sel, "n_params_nonzero"], fit.residuals[sel], color=color, s=22, label=f"S={s:g}"
-        )
+        ax.scatter(df.loc[sel, N_FIT], fit.residuals[sel], color=color, s=22, label=f"S={s:g}")
     ax.axhline(0, color="k", lw=0.8)
+    size_axis(ax)
     ax.set(
-        xscale="log",
-        xlabel="non-zero parameters N",
+        xlabel="non-zero non-embedding parameters N",
         ylabel="log L_fit − log L",
         title=f"{fit.law} fit residuals (RMS {fit.rms_log_residual:.2g})",
     )
@@ -385,27 +365,30 @@ def plot_optimal_sparsity(
     ax.contour(n_grid, c_grid, s_opt, levels=[0.5, 0.75, 0.875], colors="w", linewidths=0.8)
     fig.colorbar(filled, ax=ax, label="optimal sparsity")
     ax.set(
-        xscale="log",
         yscale="log",
-        xlabel="non-zero parameters N",
+        xlabel="non-zero non-embedding parameters N",
         ylabel="training compute C = 6ND/(1−S)",
         title="Compute-optimal sparsity (fit)",
     )
+    size_axis(ax)
     fig.tight_layout()
     return save(fig, path)
 
 
-def plot_extrapolation(held: pd.DataFrame, path=None) -> plt.Figure:
-    """Predicted vs measured loss of held-out runs (columns eval_loss, predicted, predicted_lo,
-    predicted_hi, sparsity), with the bootstrap interval of each prediction."""
+def plot_extrapolation(held: pd.DataFrame, path=None, title: str = "") -> plt.Figure:
+    """Predicted vs measured loss of held-out runs (`fit.extrapolation_error`: eval_loss,
+    predicted, sparsity and, with a bootstrap, predicted_lo / predicted_hi)."""
+    held = held.copy()
+    if "predicted_lo" not in held:
+        held["predicted_lo"] = held["predicted_hi"] = held["predicted"]
     levels = sorted(set(held["sparsity"]))
     colors = _sparsity_colors(levels)
-    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
     for s in levels:
         pts = held[held["sparsity"] == s]
         yerr = np.vstack(
             [pts["predicted"] - pts["predicted_lo"], pts["predicted_hi"] - pts["predicted"]]
-        )
+        ).clip(0)
         ax.errorbar(
             pts["eval_loss"],
             pts["predicted"],
@@ -424,57 +407,9 @@ def plot_extrapolation(held: pd.DataFrame, path=None) -> plt.Figure:
         ylim=lims,
         xlabel="measured eval loss (nats/byte)",
         ylabel="predicted by the fit on smaller sizes",
-        title="Extrapolation to the largest size",
+        title="Extrapolation to the largest size" + (f"\n{title}" if title else ""),
     )
+    ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save(fig, path)
-
-
-def main(argv=None) -> Path:
-    from analysis import load, report
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--results", help="results table (.csv/.parquet) or sweep root")
-    src.add_argument("--published", choices=["t5", "vit"], help="Frantar et al. published runs")
-    parser.add_argument(
-        "--published-dir",
-        default=None,
-        help="published data dir (default: <repo>/../shared/data/published)",
-    )
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--n-boot", type=int, default=100, help="bootstrap resamples of runs")
-    parser.add_argument("--eps", type=float, default=0.02, help="tolerance on ΔL")
-    parser.add_argument("--relative", action="store_true", help="eps is a fraction of L_dense")
-    parser.add_argument(
-        "--prunable-fraction",
-        type=float,
-        default=1.0,
-        help="fraction of params pruned at sparsity S (for fit-based S*)",
-    )
-    args = parser.parse_args(argv)
-    tol = derived.Tolerance(args.eps, args.relative)
-    if args.published:
-        pub = Path(
-            args.published_dir or Path(__file__).resolve().parents[2] / "shared/data/published"
-        )
-        df = load.load_frantar(pub, args.published)
-        cfg = report.PUBLISHED_FIT_CONFIGS[args.published]
-        title = f"Frantar et al. (2024) published {args.published.upper()} runs"
-    else:
-        df = load.load_results(args.results)
-        cfg = report.DEFAULT_FIT_CONFIG
-        title = f"Sweep {args.results}"
-    import dataclasses
-
-    cfg = dataclasses.replace(cfg, n_boot=args.n_boot)
-    out = report.build_report(
-        df, args.out, fit_config=cfg, tol=tol, title=title, prunable_fraction=args.prunable_fraction
-    )
-    print(f"wrote {out}")
-    return out
-
-
-if __name__ == "__main__":
-    main()

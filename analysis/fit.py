@@ -1,6 +1,6 @@
 """Scaling-law fits: Huber loss, L-BFGS-B from a grid of starts, bootstrap intervals.
 
-Laws (N = non-zero params, D = tokens, S = sparsity, E = experts):
+Laws (N = non-zero non-embedding params, `load.N_FIT`; D = tokens; S = sparsity; E = experts):
   sparse      L = (a_S (1-S)^b_S + c_S) (1/N)^b_N + (a_D/D)^b_D + c    (Frantar et al. 2024)
   chinchilla  L = E + A/N^alpha + B/D^beta                            (Hoffmann et al. 2022)
   dense_n     L = E + A/N^alpha                                       (fixed D)
@@ -9,6 +9,10 @@ Laws (N = non-zero params, D = tokens, S = sparsity, E = experts):
 Internally N and D are divided by `FitConfig.n_scale` / `d_scale`, positive amplitudes are
 optimised as logs and exponents directly (bounded to [0, 5]); `params` always reports the law in
 the raw units above so that published coefficients can be compared directly.
+
+Every fit is checked for identifiability (`identification_issues`: as many free parameters as
+distinct cells, N and D collinear, one D only, too few sparsities) and for parameters on their
+bounds; intervals come from a bootstrap over (size, seed) clusters, never over single runs.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import numpy as np
 import pandas as pd
 import scipy.optimize
 import scipy.special
+
+from analysis.load import N_FIT
 
 try:  # BLAS threads make each tiny L-BFGS-B step ~15x slower on a busy machine
     from threadpoolctl import threadpool_limits as _threadpool_limits
@@ -40,7 +46,8 @@ class FitConfig:
     huber_delta / log_loss: Huber loss on log L (Chinchilla, T5) or on L (Frantar's ViT).
     n_scale / d_scale: units of N and D during optimisation (numerics only).
     init_grid: per internal parameter, the start values (see `internal_names`); None = default.
-    n_boot: bootstrap resamples of runs (0 = none); boot_starts: extra grid starts per resample.
+    n_boot: bootstrap resamples of (size, seed) clusters (0 = none; skipped for fits that are
+    not identified); boot_starts: extra grid starts per resample.
     """
 
     huber_delta: float = 1e-3
@@ -108,6 +115,7 @@ def moe_law(params: dict, n_active, num_experts, n_scale: float = 1e6):
 class _Spec:
     internal_names: tuple[str, ...]
     param_names: tuple[str, ...]
+    theta_params: tuple[str, ...]  # the raw parameter each internal one sets (bound reporting)
     columns: tuple[str, ...]
     model: Callable  # (theta, X, cfg) -> (f, J)
     to_params: Callable  # (theta, cfg) -> dict
@@ -148,10 +156,15 @@ def _sparse_to_params(theta, cfg):
         "b_S": float(b),
         "c_S": float(np.exp(lc) * k),
         "b_N": float(d),
-        "a_D": float(np.exp(le / f) * cfg.d_scale) if f > 0 else float("nan"),
+        "a_D": _exp_or_inf(le / f) * cfg.d_scale if f > 0 else float("nan"),
         "b_D": float(f),
         "c": float(np.exp(lg)),
     }
+
+
+def _exp_or_inf(x: float) -> float:
+    """exp(x), inf past the float range (a_D when b_D sits near 0: the D-term is then flat)."""
+    return float(np.exp(x)) if x < np.log(np.finfo(float).max) else float("inf")
 
 
 def _sparse_from_params(p, cfg):
@@ -277,7 +290,8 @@ _SPECS = {
     "sparse": _Spec(
         ("log_a", "b_S", "log_c", "b_N", "log_e", "b_D", "log_c0"),
         ("a_S", "b_S", "c_S", "b_N", "a_D", "b_D", "c"),
-        ("sparsity", "n_params_nonzero", "tokens"),
+        ("a_S", "b_S", "c_S", "b_N", "a_D", "b_D", "c"),
+        ("sparsity", N_FIT, "tokens"),
         _sparse_model,
         _sparse_to_params,
         _sparse_from_params,
@@ -287,7 +301,8 @@ _SPECS = {
     "chinchilla": _Spec(
         ("log_A", "alpha", "log_B", "beta", "log_E"),
         ("E", "A", "alpha", "B", "beta"),
-        ("n_params_nonzero", "tokens"),
+        ("A", "alpha", "B", "beta", "E"),
+        (N_FIT, "tokens"),
         _chin_model,
         _chin_to_params,
         _chin_from_params,
@@ -297,7 +312,8 @@ _SPECS = {
     "dense_n": _Spec(
         ("log_A", "alpha", "log_E"),
         ("E", "A", "alpha"),
-        ("n_params_nonzero",),
+        ("A", "alpha", "E"),
+        (N_FIT,),
         _dense_n_model,
         _dense_n_to_params,
         _dense_n_from_params,
@@ -305,6 +321,7 @@ _SPECS = {
         _dense_n_grid,
     ),
     "moe": _Spec(
+        ("a", "b", "c", "d"),
         ("a", "b", "c", "d"),
         ("a", "b", "c", "d"),
         ("n_params_active", "num_experts"),
@@ -315,10 +332,6 @@ _SPECS = {
         _moe_grid,
     ),
 }
-
-
-def param_names(law: str) -> tuple[str, ...]:
-    return _spec(law).param_names
 
 
 def _spec(law: str) -> _Spec:
@@ -335,7 +348,7 @@ def _features(law: str, df: pd.DataFrame, cfg: FitConfig) -> tuple[np.ndarray, .
     cols = []
     for name in spec.columns:
         col = df[name].to_numpy(float)
-        if name in ("n_params_nonzero", "n_params_active"):
+        if name in (N_FIT, "n_params_active"):
             col = col / cfg.n_scale
         elif name == "tokens":
             col = col / cfg.d_scale
@@ -422,7 +435,11 @@ def _minimize(spec, X, y, cfg, starts):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FitResult:
-    """A fitted law. `params` in raw units; `residuals` are log(pred) - log(observed)."""
+    """A fitted law. `params` in raw units; `residuals` are log(pred) - log(observed).
+
+    `issues`: why the data cannot identify the law's parameters (empty: identified);
+    `on_bound`: parameters that ended on an optimisation bound (their value is not an estimate).
+    """
 
     law: str
     params: dict[str, float]
@@ -432,6 +449,17 @@ class FitResult:
     config: FitConfig
     theta: np.ndarray
     bootstrap: pd.DataFrame | None = None  # one row of raw params per resample
+    issues: tuple[str, ...] = ()
+    on_bound: tuple[str, ...] = ()
+
+    @property
+    def identified(self) -> bool:
+        return not self.issues
+
+    @property
+    def usable(self) -> bool:
+        """Identified and no parameter on a bound: derived tables may be built on it."""
+        return self.identified and not self.on_bound
 
     @property
     def rms_log_residual(self) -> float:
@@ -458,11 +486,11 @@ class FitResult:
 def predict(law: str, params: dict, df: pd.DataFrame, config: FitConfig = FitConfig()):
     """Law prediction for each row of `df` from raw-unit `params`."""
     if law == "sparse":
-        return sparse_law(params, df["sparsity"], df["n_params_nonzero"], df["tokens"])
+        return sparse_law(params, df["sparsity"], df[N_FIT], df["tokens"])
     if law == "chinchilla":
-        return chinchilla_law(params, df["n_params_nonzero"], df["tokens"])
+        return chinchilla_law(params, df[N_FIT], df["tokens"])
     if law == "dense_n":
-        return dense_n_law(params, df["n_params_nonzero"])
+        return dense_n_law(params, df[N_FIT])
     if law == "moe":
         return moe_law(params, df["n_params_active"], df["num_experts"], config.n_scale)
     raise ValueError(f"unknown law {law!r}; expected one of {LAWS}")
@@ -476,10 +504,77 @@ def objective_of(law: str, params: dict, df: pd.DataFrame, config: FitConfig) ->
     )
 
 
+def identification_issues(law: str, df: pd.DataFrame) -> tuple[str, ...]:
+    """Why `df` cannot identify `law`'s parameters (empty when it can).
+
+    Flags at least as many free parameters as distinct cells of the law's inputs, and for laws
+    with an N and a D term a single D or log N and log D collinear (|r| > 0.95) over the cells.
+    """
+    spec = _spec(law)
+    issues = []
+    cells = df[list(spec.columns)].astype(float).round(9).drop_duplicates()
+    k = len(spec.param_names)
+    if len(cells) <= k:
+        issues.append(
+            f"{k} free parameters for {len(cells)} distinct ({', '.join(spec.columns)}) cells"
+        )
+    if law == "sparse" and df["sparsity"].nunique() < 3:
+        issues.append(f"{df['sparsity'].nunique()} sparsity level(s); the S-term needs ≥ 3")
+    if law in ("sparse", "chinchilla"):
+        size = "n_nonembedding" if "n_nonembedding" in df else N_FIT
+        pairs = np.log(df[[size, "tokens"]].astype(float).drop_duplicates().to_numpy())
+        if len(np.unique(pairs[:, 1])) < 2:
+            issues.append("one token count D: the D-term is not identified")
+        elif len(np.unique(pairs[:, 0])) >= 2:
+            r = float(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1])
+            if abs(r) > 0.95:
+                issues.append(f"N and D collinear over the runs (corr of logs = {r:.3f})")
+    return tuple(issues)
+
+
+def _on_bound(spec: _Spec, theta: np.ndarray) -> tuple[str, ...]:
+    names = []
+    for name, value, (lo, hi) in zip(spec.theta_params, theta, spec.bounds, strict=True):
+        if lo is None:
+            continue
+        if min(abs(value - lo), abs(value - hi)) <= 1e-6 * (hi - lo):
+            names.append(name)
+    return tuple(names)
+
+
+def _clusters(df: pd.DataFrame) -> list[list[np.ndarray]]:
+    """Row indices grouped by model size, then by seed within the size."""
+    sizes = df["n_params_total"].to_numpy(float)
+    seeds = df["seed"].to_numpy() if "seed" in df else np.zeros(len(df), int)
+    out = []
+    for size in np.unique(sizes):
+        at = np.nonzero(sizes == size)[0]
+        out.append([at[seeds[at] == s] for s in np.unique(seeds[at])])
+    return out
+
+
+def cluster_resample(clusters: list[list[np.ndarray]], rng: np.random.Generator) -> np.ndarray:
+    """Row indices of one two-level bootstrap draw: sizes with replacement, then seeds within
+    each drawn size (a seed keeps all its runs: dense and sparse stay paired). At least
+    min(3, #sizes) distinct sizes are kept so that the resample can still be fitted."""
+    need = min(3, len(clusters))
+    for _ in range(100):
+        picked = rng.integers(0, len(clusters), len(clusters))
+        if len(set(picked.tolist())) >= need:
+            break
+    rows = []
+    for i in picked:
+        seeds = clusters[i]
+        rows += [seeds[j] for j in rng.integers(0, len(seeds), len(seeds))]
+    return np.concatenate(rows)
+
+
 def fit_law(law: str, df: pd.DataFrame, config: FitConfig = FitConfig()) -> FitResult:
-    """Fits `law` to the runs in `df` (tidy schema), with optional bootstrap over runs."""
+    """Fits `law` to the runs in `df` (tidy schema), with optional cluster bootstrap; checks
+    identifiability (no bootstrap for a fit that is not identified)."""
     spec = _spec(law)
     _validate(law, df, config)
+    df = df.reset_index(drop=True)
     X = _features(law, df, config)
     y = df["eval_loss"].to_numpy(float)
     grid = config.init_grid or spec.default_grid(y, config)
@@ -489,24 +584,30 @@ def fit_law(law: str, df: pd.DataFrame, config: FitConfig = FitConfig()) -> FitR
             f"{len(spec.internal_names)} ({', '.join(spec.internal_names)})"
         )
     starts = [np.array(s) for s in itertools.product(*grid)]
+    issues = identification_issues(law, df)
+    clusters = _clusters(df) if config.n_boot and not issues else None
     with _single_threaded_blas():
-        return _fit(law, spec, X, y, config, starts)
+        result = _fit(law, spec, X, y, config, starts, clusters)
+    return dataclasses.replace(result, issues=issues, on_bound=_on_bound(spec, result.theta))
 
 
-def _fit(law, spec, X, y, config, starts):
+def _fit(law, spec, X, y, config, starts, clusters):
     best = _minimize(spec, X, y, config, starts)
     params = spec.to_params(best.x, config)
     pred, _ = spec.model(best.x, X, config)
     boot = None
-    if config.n_boot:
+    if clusters is not None:
         rng = np.random.default_rng(config.seed)
         pick = rng.permutation(len(starts))[: config.boot_starts]
         boot_starts = [best.x] + [starts[i] for i in pick]
         rows = []
         for _ in range(config.n_boot):
-            idx = rng.integers(0, len(y), len(y))
+            idx = cluster_resample(clusters, rng)
             Xb = tuple(x[idx] for x in X)
-            res = _minimize(spec, Xb, y[idx], config, boot_starts)
+            try:
+                res = _minimize(spec, Xb, y[idx], config, boot_starts)
+            except RuntimeError:  # every start non-finite on this resample: leave it out
+                continue
             rows.append(spec.to_params(res.x, config))
         boot = pd.DataFrame(rows, columns=list(spec.param_names))
     return FitResult(
@@ -522,22 +623,25 @@ def _fit(law, spec, X, y, config, starts):
 
 
 def extrapolation_error(
-    law: str,
-    df: pd.DataFrame,
-    config: FitConfig = FitConfig(),
-    size_column: str = "n_params_total",
-) -> pd.DataFrame:
-    """Leave-largest-size-out: fits on all but the largest `size_column` value, predicts it.
+    law: str, df: pd.DataFrame, config: FitConfig = FitConfig()
+) -> tuple[FitResult, pd.DataFrame]:
+    """Leave-largest-size-out: fits on every run below the largest total size (`n_params_total`:
+    all its sparsities and seeds are held out), predicts those runs.
 
-    Returns one row per held-out run with observed, predicted and relative error.
+    Returns the fit and one row per held-out run with observed, predicted, relative error and,
+    with `config.n_boot`, the cluster-bootstrap 95% interval of each prediction.
     """
-    sizes = df[size_column].to_numpy(float)
+    sizes = df["n_params_total"].to_numpy(float)
     largest = np.isclose(sizes, np.nanmax(sizes), rtol=1e-9)
     if largest.all():
-        raise ValueError(f"{size_column}: all runs have the same size; nothing to extrapolate to")
-    fit = fit_law(law, df[~largest], dataclasses.replace(config, n_boot=0))
+        raise ValueError("n_params_total: all runs have the same size; nothing to extrapolate to")
+    fit = fit_law(law, df[~largest], config)
     held = df[largest].copy()
     held["predicted"] = fit.predict(held)
     held["relative_error"] = held["predicted"] / held["eval_loss"] - 1.0
-    cols = ["run_id", size_column, "sparsity", "tokens", "eval_loss", "predicted", "relative_error"]
-    return held[list(dict.fromkeys(cols))].reset_index(drop=True)
+    samples = fit.param_samples()
+    if samples:
+        preds = np.array([predict(law, p, held, config) for p in samples])
+        q = [(1 - config.ci_level) / 2, (1 + config.ci_level) / 2]
+        held["predicted_lo"], held["predicted_hi"] = np.quantile(preds, q, axis=0)
+    return fit, held.reset_index(drop=True)

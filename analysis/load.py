@@ -43,8 +43,14 @@ COLUMNS = (
     "status",
 )
 REQUIRED = ("n_params_nonzero", "tokens", "eval_loss")
+# Derived by `tidy` (the parameter-count convention of every fit, table and axis): embeddings are
+# never pruned, so sizes are non-embedding parameters and sparsity removes from the prunable part.
+SIZE = "n_nonembedding"  # the model's non-embedding parameters (dense count; total when unknown)
+N_FIT = "n_nonzero_nonembedding"  # non-zero non-embedding parameters: N of every law fit
+PRUNABLE_FRACTION = "prunable_fraction"  # prunable / non-embedding parameters of the model
 STRUCTURES = ("dense", "unstructured", "nm", "block", "moe")
 _TABLE_NAMES = ("results.parquet", "results.csv")
+PUBLISHED_DIR = Path(__file__).resolve().parent / "published"  # package data (SOURCES.md)
 
 
 def load_results(source: str | Path, *, only_finished: bool = True) -> pd.DataFrame:
@@ -170,8 +176,26 @@ def tidy(frame: pd.DataFrame, *, origin: str = "<DataFrame>") -> pd.DataFrame:
     df["task"] = df["task"].fillna("").astype(str)
     df["status"] = df["status"].astype(object).where(df["status"].notna(), None)
     df["status"] = df["status"].map(lambda s: None if s is None else str(s))
+    _add_parameter_counts(df)
     extra = [c for c in df.columns if c not in COLUMNS]
     return df[list(COLUMNS) + extra].reset_index(drop=True)
+
+
+def _add_parameter_counts(df: pd.DataFrame) -> None:
+    """SIZE, N_FIT and PRUNABLE_FRACTION from the counts a run reports (in place).
+
+    Pruned parameters = total − non-zero; they all lie outside the embeddings, so the non-zero
+    non-embedding count is non-embedding − pruned. Without a non-embedding count (published
+    tables) the reported counts are used as they are.
+    """
+    nonemb = pd.to_numeric(df["n_params_nonembedding"], errors="coerce").astype(float)
+    known = nonemb.notna() & (nonemb > 0)
+    total = df["n_params_total"].astype(float)
+    nonzero = df["n_params_nonzero"].astype(float)
+    df[SIZE] = np.where(known, nonemb, total)
+    df[N_FIT] = np.where(known, nonemb - (total - nonzero), nonzero)
+    prunable = pd.to_numeric(df["n_params_prunable"], errors="coerce").astype(float)
+    df[PRUNABLE_FRACTION] = (prunable / df[SIZE]).where(prunable.notna(), 1.0).clip(0, 1)
 
 
 # --- published data -------------------------------------------------------------------------------
@@ -179,7 +203,9 @@ def tidy(frame: pd.DataFrame, *, origin: str = "<DataFrame>") -> pd.DataFrame:
 _FRANTAR_DATASETS = {"t5": "t5_c4", "vit": "vit_jft4b"}
 
 
-def load_frantar(published_dir: str | Path, dataset: str, *, split: str = "fit") -> pd.DataFrame:
+def load_frantar(
+    published_dir: str | Path = PUBLISHED_DIR, dataset: str = "t5", *, split: str = "fit"
+) -> pd.DataFrame:
     """Frantar et al. (ICLR 2024) T5/C4 or ViT/JFT-4B runs in the tidy schema.
 
     `dataset` is "t5" or "vit"; `split` is "fit" (the authors' fitting runs), "heldout" (T5's
@@ -219,7 +245,9 @@ def load_frantar(published_dir: str | Path, dataset: str, *, split: str = "fit")
     return tidy(frame, origin=str(path))
 
 
-def load_chinchilla(published_dir: str | Path, *, drop_highest: int = 5) -> pd.DataFrame:
+def load_chinchilla(
+    published_dir: str | Path = PUBLISHED_DIR, *, drop_highest: int = 5
+) -> pd.DataFrame:
     """Epoch AI's re-extraction of Hoffmann et al. (2022) dense runs (tokens = FLOP / 6N).
 
     Besiroglu et al. (2024) drop the `drop_highest` highest-loss rows before fitting.

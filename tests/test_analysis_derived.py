@@ -36,20 +36,29 @@ def test_tolerance_from_fit_by_hand():
     # a_S = 0, c_S = 1, b_N = 1: ΔL(S, N) = (1/(N(1-S)) - 1/N) = S / ((1-S) N), so the largest S
     # with ΔL <= eps is S* = eps N / (1 + eps N).
     p = dict(a_S=0.0, b_S=1.0, c_S=1.0, b_N=1.0, a_D=1e9, b_D=0.5, c=2.0)
-    out = derived.tolerance_from_fit(_fit_with(p), [100.0, 300.0], 1e9, derived.Tolerance(0.01))
+    wide = (0.1, 0.99)
+    out = derived.tolerance_from_fit(
+        _fit_with(p), [100.0, 300.0], 1e9, derived.Tolerance(0.01), s_range=wide
+    )
     np.testing.assert_allclose(out["s_star"], [0.5, 0.75], atol=1e-8)
+    assert list(out["status"]) == ["bracketed", "bracketed"]
     # Relative: eps * L_dense with L_dense = 1/N + (a_D/D)^b_D + c = 0.01 + 1 + 2 at N=100.
     rel = derived.Tolerance(0.01 / 3.01, relative=True)
-    out = derived.tolerance_from_fit(_fit_with(p), 100.0, 1e9, rel)
+    out = derived.tolerance_from_fit(_fit_with(p), 100.0, 1e9, rel, s_range=wide)
     assert out["s_star"].item() == pytest.approx(0.5, abs=1e-8)
-    # Half the params unprunable: non-zero = N (1 - S/2), so S/2 / (1 - S/2) = 1 -> S* = 1.
+    # Each size's own prunable fraction: with f = 0.5, S f / (1 − S f) = 1 at S = 1: censored.
     out = derived.tolerance_from_fit(
-        _fit_with(p), 100.0, 1e9, derived.Tolerance(0.01), prunable_fraction=0.5, s_max=0.999
+        _fit_with(p), 100.0, 1e9, derived.Tolerance(0.01), prunable_fraction=0.5, s_range=wide
     )
-    assert out["s_star"].item() == pytest.approx(0.999)
+    assert out["status"].item() == "above" and out["s_star"].item() == 0.99
+    # Outside the tested range the result is censored, never extrapolated to S = 0.
+    out = derived.tolerance_from_fit(_fit_with(p), 100.0, 1e9, derived.Tolerance(0.01))
+    assert out["status"].item() == "below" and out["s_star"].item() == 0.5
     # Bootstrap interval: the percentiles of S* over parameter samples.
     boot = [dict(p, c_S=c) for c in (0.5, 1.0, 2.0)]  # S* = eps N / (c_S + eps N)
-    out = derived.tolerance_from_fit(_fit_with(p, boot), 100.0, 1e9, derived.Tolerance(0.01))
+    out = derived.tolerance_from_fit(
+        _fit_with(p, boot), 100.0, 1e9, derived.Tolerance(0.01), s_range=wide
+    )
     lo, hi = out["lo"].item(), out["hi"].item()
     assert 1 / 3 <= lo < 0.5 < hi <= 2 / 3
 
@@ -82,33 +91,6 @@ def _runs(rows):
     df["n_params_nonzero"] = df["n_params_total"] * (1 - df["sparsity"])
     df["tokens"] = 1e9
     return load.tidy(df)
-
-
-def test_tolerance_and_gap_from_runs_by_hand():
-    nan = float("nan")
-    df = _runs(
-        [
-            (1e6, 0.0, "dense", 2.99, nan, nan, 0),
-            (1e6, 0.0, "dense", 3.01, nan, nan, 1),
-            (1e6, 0.5, "unstructured", 3.01, nan, nan, 0),
-            (1e6, 0.75, "unstructured", 3.05, nan, nan, 0),
-            (4e6, 0.0, "dense", 2.5, nan, nan, 0),
-            (4e6, 0.5, "unstructured", 2.505, nan, nan, 0),
-            (4e6, 0.75, "unstructured", 2.51, nan, nan, 0),
-        ]
-    )
-    gaps = derived.raw_loss_gap(df)
-    np.testing.assert_allclose(gaps["gap"], [0.01, 0.05, 0.005, 0.01], atol=1e-12)
-    out = derived.tolerance_from_runs(df, derived.Tolerance(0.02), n_boot=50)
-    small, large = out.iloc[0], out.iloc[1]
-    # Gap 0.01 at S=0.5, 0.05 at S=0.75: crosses 0.02 a quarter of the way: S* = 0.5625.
-    assert small["s_star"] == pytest.approx(0.5625) and not small["censored"]
-    assert small["lo"] <= 0.5625 <= small["hi"]  # resampling the two dense seeds
-    # Never exceeds 0.02: censored at the highest tested sparsity; one seed -> no spread.
-    assert large["s_star"] == 0.75 and large["censored"] and large["lo"] == large["hi"] == 0.75
-    rel = derived.tolerance_from_runs(df, derived.Tolerance(0.002, relative=True), n_boot=0)
-    # 0.002 * 2.5 = 0.005 = gap at S=0.5 for the large model.
-    assert rel.iloc[1]["s_star"] == pytest.approx(0.5)
 
 
 def test_structure_penalty_by_hand():

@@ -1,16 +1,17 @@
-"""End to end: `python -m analysis.figures` on a small synthetic sweep and the published data."""
+"""End to end: `python -m analysis` on a small synthetic sweep and the published data."""
 
+import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import figures, load, report
+from analysis import __main__ as cli
+from analysis import load, report
 from analysis.fit import fit_law, moe_law, sparse_law
 
-PUBLISHED = Path(__file__).resolve().parents[2] / "shared/data/published"
+PUBLISHED = load.PUBLISHED_DIR
 TRUE = dict(a_S=40.0, b_S=1.2, c_S=60.0, b_N=0.3, a_D=2e8, b_D=0.35, c=1.2)
 FIGURES = (
     "loss_vs_params",
@@ -26,7 +27,7 @@ FIGURES = (
 def _synthetic_sweep() -> pd.DataFrame:
     rng = np.random.default_rng(0)
     rows = []
-    for n_total in (2e6, 8e6, 32e6):
+    for n_total in (2e6, 4e6, 8e6, 32e6):
         for tokens in (1e9, 4e9):
             for seed in (0, 1):
                 for s, structure, m in [
@@ -88,7 +89,7 @@ def test_cli_draws_every_figure_and_report_matches_fit(tmp_path):
     csv = tmp_path / "results.csv"
     _synthetic_sweep().to_csv(csv, index=False)
     out = tmp_path / "out"
-    figures.main(["--results", str(csv), "--out", str(out), "--n-boot", "4", "--eps", "0.05"])
+    cli.main(["--results", str(csv), "--out", str(out), "--n-boot", "4", "--eps", "0.05"])
     for name in FIGURES:
         for suffix in (".png", ".pdf"):
             assert (out / "figures" / f"{name}{suffix}").stat().st_size > 1000, name
@@ -109,6 +110,30 @@ def test_cli_draws_every_figure_and_report_matches_fit(tmp_path):
     assert _table_value(text, "MoE law", "c") == report.fmt(moe.params["c"])
     # The structure-penalty table shows the injected penalties (0.02 for 2:4, 0.05 for blocks).
     assert "| nm | 4 |" in text and "| block | 16 |" in text
+    # report.json holds the same numbers as report.md.
+    data = json.loads((out / "report.json").read_text())
+    assert data["fits"]["sparse"]["params"] == pytest.approx(fit.params)
+    assert data["fits"]["sparse"]["usable"] and "0.05 nats" in data["tolerances"]
+    for row in data["gap_scaling"]:
+        assert f"| {report.fmt(row['beta'])} | {report.fmt(row['lo'])} |" in text
+    assert data["extrapolation"]["n_held_out"] == (sparse_df["n_params_total"] == 32e6).sum()
+
+
+def test_unidentified_fits_print_no_coefficients(tmp_path):
+    """A 'scaled' sweep (tokens ∝ N) cannot separate N and D: no coefficients, no derived tables."""
+    sweep = _synthetic_sweep()
+    sweep = sweep[sweep["structure"].isin(["dense", "unstructured"]) & (sweep["tokens"] == 1e9)]
+    sweep["tokens"] = sweep["n_params_total"] * 20
+    path = report.build_report(load.tidy(sweep), tmp_path, fit_config=report.DEFAULT_FIT_CONFIG)
+    text = path.read_text()
+    sparse = text.split("## Sparse scaling law", 1)[1].split("###", 1)[0]
+    assert "**Not identified**: N and D collinear" in sparse and "| a_S |" not in sparse
+    assert "Effective parameter multiplier" not in text and "Compute-optimal" not in text
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["fits"]["sparse"]["identified"] is False
+    for name, record in data["fits"].items():  # no parameter on a bound without saying so
+        if record["identified"] and record["on_bound"]:
+            assert "on bound" in text, name
 
 
 def test_sweep_without_sparse_runs_says_what_it_skipped(tmp_path):
@@ -122,23 +147,8 @@ def test_sweep_without_sparse_runs_says_what_it_skipped(tmp_path):
     assert not (tmp_path / "figures" / "loss_vs_params.png").exists()
 
 
-@pytest.mark.skipif(
-    not (PUBLISHED / "frantar_table.csv").is_file(),
-    reason=f"published scaling data not found at {PUBLISHED}",
-)
 def test_published_vit_report(tmp_path):
-    figures.main(
-        [
-            "--published",
-            "vit",
-            "--published-dir",
-            str(PUBLISHED),
-            "--out",
-            str(tmp_path),
-            "--n-boot",
-            "2",
-        ]
-    )
+    cli.main(["--published", "vit", "--out", str(tmp_path), "--n-boot", "2"])
     text = (tmp_path / "report.md").read_text()
     b_n = float(_table_value(text, "Sparse scaling law", "b_N"))
     assert b_n == pytest.approx(0.392, rel=0.01)  # the published ViT exponent

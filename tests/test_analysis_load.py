@@ -1,7 +1,6 @@
 """Loading sweep tables, run directories and the published data into the tidy schema."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,11 +8,7 @@ import pytest
 
 from analysis import load
 
-PUBLISHED = Path(__file__).resolve().parents[2] / "shared/data/published"
-needs_published = pytest.mark.skipif(
-    not (PUBLISHED / "frantar_table.csv").is_file(),
-    reason=f"published scaling data not found at {PUBLISHED} (shared/ beside the repo)",
-)
+PUBLISHED = load.PUBLISHED_DIR  # in-repo package data: these tests never skip
 
 
 def _runs():
@@ -74,7 +69,6 @@ def test_bad_tables_raise_clear_errors(tmp_path):
         load.load_results(tmp_path / "nope.csv")
 
 
-@needs_published
 def test_published_tables_map_to_tidy_schema():
     t5 = load.load_frantar(PUBLISHED, "t5")
     vit = load.load_frantar(PUBLISHED, "vit")
@@ -94,3 +88,26 @@ def test_published_tables_map_to_tidy_schema():
     np.testing.assert_allclose(
         chin["train_flops"], 6 * chin["n_params_nonzero"] * chin["tokens"], rtol=1e-12
     )
+
+
+def test_sizes_are_non_embedding_with_each_models_prunable_fraction():
+    """Embeddings are never pruned: N_FIT = non-embedding − pruned, SIZE = non-embedding."""
+    runs = pd.DataFrame(
+        {
+            "n_params_total": [14416, 14416, 381600],
+            "n_params_nonembedding": [6224, 6224, 332448],
+            "n_params_prunable": [6144, 6144, 331776],
+            "n_params_nonzero": [14416, 14416 - 0.75 * 6144, 381600],
+            "sparsity": [0.0, 0.75, 0.0],
+            "tokens": 1e6,
+            "eval_loss": 3.0,
+        }
+    )
+    df = load.tidy(runs)
+    np.testing.assert_allclose(df[load.SIZE], [6224, 6224, 332448])
+    np.testing.assert_allclose(df[load.N_FIT], [6224, 6224 - 0.75 * 6144, 332448])
+    np.testing.assert_allclose(df[load.PRUNABLE_FRACTION], [6144 / 6224] * 2 + [331776 / 332448])
+    # Without a non-embedding count (published tables) the reported counts are N.
+    plain = load.tidy(runs.drop(columns=["n_params_nonembedding", "n_params_prunable"]))
+    np.testing.assert_allclose(plain[load.N_FIT], plain["n_params_nonzero"])
+    assert (plain[load.PRUNABLE_FRACTION] == 1).all()

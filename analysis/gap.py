@@ -1,0 +1,259 @@
+"""Paired loss gaps, how they scale with size, and the tolerated sparsity S*, from runs alone.
+
+A sparse run's gap is its loss minus that of the dense run with the same seed (same init and data
+order), model, tokens and task, so ΔL is measured within a seed and its interval comes from the
+seeds (paired t-interval; none with one seed). Sizes are non-embedding parameters (`load.SIZE`).
+
+A *regime* is a matched training budget: a run's `tag` when the sweep sets one (figure 1:
+"scaled" = fixed tokens per parameter, "fixed" = one step count), else one token count per
+regime when sizes share several, else the whole table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+from analysis.load import SIZE
+
+CELL = ("task", "regime", SIZE, "n_params_total", "tokens")
+VERDICTS = ("yes", "no", "inconclusive")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Within tolerance: L_sparse − L_dense ≤ eps (nats), or with `relative` ≤ eps · L_dense."""
+
+    eps: float = 0.02
+    relative: bool = False
+
+    def __post_init__(self):
+        if not self.eps > 0:
+            raise ValueError(f"Tolerance.eps={self.eps}; expected > 0")
+
+    def threshold(self, dense_loss):
+        return self.eps * np.asarray(dense_loss, float) if self.relative else self.eps
+
+    def describe(self) -> str:
+        return f"{self.eps:g} × L_dense" if self.relative else f"{self.eps:g} nats"
+
+
+DEFAULT_TOLERANCES = (
+    Tolerance(0.02),
+    Tolerance(0.05),
+    Tolerance(0.1),
+    Tolerance(0.01, relative=True),
+    Tolerance(0.02, relative=True),
+)
+
+
+def regimes(df: pd.DataFrame) -> pd.Series:
+    """The training-budget regime of each run (see the module docstring)."""
+    if "tag" in df and df["tag"].fillna("").astype(str).str.len().gt(0).all():
+        return df["tag"].astype(str)
+    one_budget = df.groupby(["task", "n_params_total"])["tokens"].transform("nunique").eq(1).all()
+    if one_budget:
+        return pd.Series("one budget per size", index=df.index)
+    return df["tokens"].map(lambda d: f"D = {d:.3g}")
+
+
+def paired_gaps(df: pd.DataFrame, structure: str = "unstructured") -> pd.DataFrame:
+    """One row per sparse run with a dense partner of the same seed: loss, dense_loss, gap."""
+    df = df.assign(regime=regimes(df))
+    keys = [*CELL, "seed"]
+    dense = df[df["structure"] == "dense"].groupby(keys)["eval_loss"].mean().rename("dense_loss")
+    sparse = df[(df["structure"] == structure) & (df["sparsity"] > 0)]
+    sparse = sparse.groupby([*keys, "sparsity"])["eval_loss"].mean().rename("loss").reset_index()
+    out = sparse.merge(dense.reset_index(), on=keys, how="inner")
+    out["gap"] = out["loss"] - out["dense_loss"]
+    return out.sort_values([*CELL, "sparsity", "seed"]).reset_index(drop=True)
+
+
+def gap_cells(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
+    """Mean paired gap per (cell, sparsity) over seeds, with its paired t-interval."""
+    cells = (
+        pairs.groupby([*CELL, "sparsity"])
+        .agg(
+            gap=("gap", "mean"),
+            gap_sd=("gap", "std"),
+            n_seeds=("gap", "count"),
+            loss=("loss", "mean"),
+            dense_loss=("dense_loss", "mean"),
+        )
+        .reset_index()
+    )
+    n = cells["n_seeds"].to_numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = scipy.stats.t.ppf((1 + ci_level) / 2, np.maximum(n - 1, 1))
+        half = np.where(n >= 2, t * cells["gap_sd"] / np.sqrt(n), np.nan)
+    cells["lo"], cells["hi"] = cells["gap"] - half, cells["gap"] + half
+    return cells
+
+
+def gap_scaling(cells: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
+    """Per (task, regime, S): least squares of log ΔL = log g(S) − β(S) log N over the sizes.
+
+    β > 0 means the gap shrinks with size ("larger models tolerate more sparsity"). The
+    interval is the t-interval of the slope (n_sizes − 2 degrees of freedom), so it contains
+    seed noise and any lack of fit across sizes. `verdict`: yes (interval > 0), no (< 0),
+    inconclusive; sizes whose mean gap is ≤ 0 cannot enter the log and are counted in
+    `n_nonpositive`.
+    """
+    rows = []
+    for (task, regime, s), sub in cells.groupby(["task", "regime", "sparsity"]):
+        pos = sub[sub["gap"] > 0]
+        row = {
+            "task": task,
+            "regime": regime,
+            "sparsity": s,
+            "n_sizes": len(pos),
+            "n_nonpositive": len(sub) - len(pos),
+            "size_min": float(sub[SIZE].min()),
+            "size_max": float(sub[SIZE].max()),
+            "beta": np.nan,
+            "lo": np.nan,
+            "hi": np.nan,
+            "log_g": np.nan,
+            "verdict": "inconclusive",
+        }
+        if len(pos) >= 3 and pos[SIZE].nunique() >= 3:
+            beta, log_g, se = _slope(np.log(pos[SIZE].to_numpy()), np.log(pos["gap"].to_numpy()))
+            half = scipy.stats.t.ppf((1 + ci_level) / 2, len(pos) - 2) * se
+            row.update(beta=beta, lo=beta - half, hi=beta + half, log_g=log_g)
+            row["verdict"] = (
+                "yes" if beta - half > 0 else "no" if beta + half < 0 else "inconclusive"
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(β, intercept, standard error of β) of y = intercept − β x by least squares."""
+    xc = x - x.mean()
+    slope = float(xc @ (y - y.mean()) / (xc @ xc))
+    icept = float(y.mean() - slope * x.mean())
+    resid = y - icept - slope * x
+    dof = len(x) - 2
+    se = float(np.sqrt(resid @ resid / dof / (xc @ xc))) if dof > 0 else np.nan
+    return -slope, icept, se
+
+
+# --- tolerated sparsity ---------------------------------------------------------------------------
+
+
+def s_star(levels: np.ndarray, gaps: np.ndarray, limit: float) -> tuple[float, str]:
+    """Largest S with ΔL(S) ≤ limit from the mean gaps at the tested `levels` (ascending).
+
+    Returns (S*, status). Status "below" (S* < levels[0]: even the smallest tested sparsity
+    exceeds the limit) and "above" (S* > levels[-1]) are censored: the value is that bound.
+    Otherwise ("bracketed") S* comes from log ΔL = a + k·log(1/(1−S)) fitted to the positive
+    gaps (monotone when k > 0), kept between the two tested levels that bracket the limit; without
+    such a fit, by linear interpolation between those two levels.
+    """
+    if gaps[0] > limit:
+        return float(levels[0]), "below"
+    if gaps[-1] <= limit:
+        return float(levels[-1]), "above"
+    j = int(np.argmax(gaps > limit))  # levels[j-1] within the limit, levels[j] beyond it
+    x = -np.log1p(-levels)
+    pos = gaps > 0
+    if pos.sum() >= 2:
+        k, a = np.polyfit(x[pos], np.log(gaps[pos]), 1)
+        if k > 0:
+            value = 1.0 - np.exp(-(np.log(limit) - a) / k)
+            return float(np.clip(value, levels[j - 1], levels[j])), "bracketed"
+    frac = (limit - gaps[j - 1]) / (gaps[j] - gaps[j - 1])
+    return float(levels[j - 1] + frac * (levels[j] - levels[j - 1])), "bracketed"
+
+
+def tolerance_table(
+    pairs: pd.DataFrame,
+    tolerances=DEFAULT_TOLERANCES,
+    *,
+    n_boot: int = 200,
+    ci_level: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """S* per (cell, tolerance) with a bootstrap-over-seeds interval (none with one seed).
+
+    A seed keeps all of its paired gaps; a resample whose S* is censored contributes the bound.
+    """
+    rng = np.random.default_rng(seed)
+    q = [(1 - ci_level) / 2, (1 + ci_level) / 2]
+    rows = []
+    for key, sub in pairs.groupby(list(CELL)):
+        by_seed = sub.pivot_table(index="seed", columns="sparsity", values="gap")
+        levels = by_seed.columns.to_numpy(float)
+        matrix = by_seed.to_numpy(float)
+        dense = float(sub.groupby("seed")["dense_loss"].mean().mean())
+        n_seeds = len(matrix)
+        draws = [rng.integers(0, n_seeds, n_seeds) for _ in range(n_boot if n_seeds > 1 else 0)]
+        for tol in tolerances:
+            limit = float(tol.threshold(dense))
+            value, status = s_star(levels, np.nanmean(matrix, 0), limit)
+            boot = [s_star(levels, np.nanmean(matrix[d], 0), limit)[0] for d in draws]
+            lo, hi = np.quantile(boot, q) if boot else (np.nan, np.nan)
+            rows.append(
+                dict(zip(CELL, key, strict=True))
+                | {
+                    "tolerance": tol.describe(),
+                    "limit": limit,
+                    "s_star": value,
+                    "status": status,
+                    "lo": float(lo),
+                    "hi": float(hi),
+                    "s_min": float(levels[0]),
+                    "s_max": float(levels[-1]),
+                    "n_seeds": n_seeds,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def describe_s_star(row) -> str:
+    """'< 0.5', '> 0.9375' for censored results, the value otherwise."""
+    if row["status"] == "below":
+        return f"< {row['s_min']:g}"
+    if row["status"] == "above":
+        return f"> {row['s_max']:g}"
+    return f"{row['s_star']:.3g}"
+
+
+def describe_regimes(df: pd.DataFrame) -> dict[str, dict]:
+    """Per regime: tokens, tokens per non-embedding parameter and seeds per size, in words."""
+    df = df.assign(regime=regimes(df))
+    out = {}
+    for regime, sub in df.groupby("regime"):
+        tpp = sub["tokens"] / sub[SIZE]
+        seeds = sub.groupby(SIZE)["seed"].nunique()
+        counts = seeds.value_counts()
+        common = int(counts.index[0])
+        others = [f"{n} at N = {size:.3g}" for size, n in seeds.items() if n != common]
+        seed_text = f"{common} seed{'s' if common > 1 else ''} per size"
+        seed_text += f" ({', '.join(others)})" if others else ""
+        d = sub["tokens"]
+        d_text = f"D = {d.min():.3g}" + (f"–{d.max():.3g}" if d.nunique() > 1 else "")
+        short_seeds = f"seeds: {common}" + (
+            f" ({', '.join(f'{n} at {_short(size)}' for size, n in seeds.items() if n != common)})"
+            if others
+            else ""
+        )
+        out[str(regime)] = {
+            "title": f"{regime}: {d_text} tokens\n{tpp.min():.2g}–{tpp.max():.2g} tokens/param, "
+            f"{short_seeds}",
+            "description": f"{regime}: {d_text} tokens, {tpp.min():.3g}–{tpp.max():.3g} tokens "
+            f"per non-embedding parameter, {seed_text}",
+            "tokens_per_param": [float(tpp.min()), float(tpp.max())],
+            "seeds_per_size": {float(k): int(v) for k, v in seeds.items()},
+        }
+    return out
+
+
+def _short(v: float) -> str:
+    for unit, div in (("M", 1e6), ("K", 1e3)):
+        if v >= div:
+            return f"{v / div:.3g}{unit}"
+    return f"{v:.3g}"

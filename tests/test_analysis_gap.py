@@ -1,0 +1,129 @@
+"""Paired gaps, gap scaling β(S) and censored S*, on synthetic sweeps with a known gap law.
+
+Each sweep has embeddings that are never pruned, a gap ΔL = g(S)·N^−β (N = non-embedding
+parameters) and paired seed noise: a component shared by the dense and sparse runs of a seed
+(same init and data order) plus an independent part per run.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import gap, load
+
+SIZES = np.geomspace(5e3, 4e5, 5)
+LEVELS = (0.5, 0.75, 0.875, 0.9375)
+
+
+def g_true(s):
+    """g(S) = 0.4·(1−S)^−1: log ΔL is linear in log(1/(1−S)), as the S* model assumes."""
+    return 0.4 / (1.0 - np.asarray(s, float))
+
+
+def _sweep(rng, beta, *, seeds=2, shared=0.1, noise=0.003, sizes=SIZES, tag="scaled"):
+    rows = []
+    for n in sizes:
+        embed = 4 * n**0.8  # never pruned
+        prunable = 0.99 * n
+        dense_loss = 2.0 + 30 * n**-0.3
+        for seed in range(seeds):
+            common = shared * rng.standard_normal()  # same init and data order
+            for s in (0.0, *LEVELS):
+                gap_ = g_true(s) * n**-beta if s else 0.0
+                rows.append(
+                    {
+                        "n_params_total": n + embed,
+                        "n_params_nonembedding": n,
+                        "n_params_prunable": prunable,
+                        "n_params_nonzero": n + embed - s * prunable,
+                        "sparsity": s,
+                        "seed": seed,
+                        "tokens": 4 * n,
+                        "tag": tag,
+                        "eval_loss": dense_loss + gap_ + common + noise * rng.standard_normal(),
+                    }
+                )
+    return load.tidy(pd.DataFrame(rows))
+
+
+def test_paired_gaps_cancel_the_shared_seed_component():
+    df = _sweep(np.random.default_rng(0), beta=0.3, shared=0.5, noise=0.0)
+    cells = gap.gap_cells(gap.paired_gaps(df))
+    truth = g_true(cells["sparsity"]) * cells[load.SIZE] ** -0.3
+    np.testing.assert_allclose(cells["gap"], truth, rtol=1e-9)  # shared noise 0.5 cancels
+    assert (cells["hi"] - cells["lo"]).max() < 1e-9
+    one = gap.gap_cells(gap.paired_gaps(_sweep(np.random.default_rng(0), 0.3, seeds=1)))
+    assert one["lo"].isna().all() and one["hi"].isna().all()  # one seed: no interval
+
+
+def test_gap_interval_coverage_is_near_nominal():
+    rng = np.random.default_rng(1)
+    hits = []
+    for _ in range(30):
+        cells = gap.gap_cells(gap.paired_gaps(_sweep(rng, beta=0.3, seeds=4, noise=0.02)))
+        truth = g_true(cells["sparsity"]) * cells[load.SIZE] ** -0.3
+        hits.append(((cells["lo"] <= truth) & (truth <= cells["hi"])).to_numpy())
+    coverage = np.concatenate(hits).mean()  # 600 intervals
+    assert 0.90 <= coverage <= 0.99
+
+
+def test_beta_is_recovered_within_its_interval_at_near_nominal_coverage():
+    rng = np.random.default_rng(2)
+    covered, verdicts = [], []
+    for _ in range(40):
+        scaling = gap.gap_scaling(gap.gap_cells(gap.paired_gaps(_sweep(rng, beta=0.3))))
+        covered += list((scaling["lo"] <= 0.3) & (0.3 <= scaling["hi"]))
+        verdicts += list(scaling["verdict"])
+    assert 0.85 <= np.mean(covered) <= 1.0  # 160 intervals, nominal 0.95
+    assert np.mean(np.array(verdicts) == "yes") >= 0.9  # β = 0.3 is clearly > 0
+
+
+def test_beta_zero_is_not_called_a_trend():
+    rng = np.random.default_rng(3)
+    verdicts = []
+    for _ in range(25):
+        scaling = gap.gap_scaling(gap.gap_cells(gap.paired_gaps(_sweep(rng, beta=0.0))))
+        verdicts += list(scaling["verdict"])
+    assert np.mean(np.array(verdicts) == "inconclusive") >= 0.85
+    two_sizes = _sweep(rng, beta=0.3, sizes=SIZES[:2])
+    scaling = gap.gap_scaling(gap.gap_cells(gap.paired_gaps(two_sizes)))
+    assert scaling["beta"].isna().all() and (scaling["verdict"] == "inconclusive").all()
+
+
+def test_s_star_is_bracketed_or_censored_correctly():
+    df = _sweep(np.random.default_rng(4), beta=0.3, noise=0.0, shared=0.2)
+    n = SIZES[2]
+    gaps_at_n = g_true(np.array(LEVELS)) * n**-0.3
+    tols = (
+        gap.Tolerance(0.5 * gaps_at_n[0]),  # below the smallest measured gap
+        gap.Tolerance(2.0 * gaps_at_n[-1]),  # above the largest
+        gap.Tolerance(float(g_true(0.8) * n**-0.3)),  # bracketed: the truth is S* = 0.8
+    )
+    table = gap.tolerance_table(gap.paired_gaps(df), tols, n_boot=20)
+    at_n = table[np.isclose(table[load.SIZE], n)].set_index("tolerance")
+    below, above, inside = (at_n.loc[t.describe()] for t in tols)
+    assert below["status"] == "below" and gap.describe_s_star(below) == "< 0.5"
+    assert above["status"] == "above" and gap.describe_s_star(above) == "> 0.9375"
+    assert inside["status"] == "bracketed" and inside["s_star"] == pytest.approx(0.8, abs=1e-6)
+    # S* never comes from interpolating towards (0, 0): the censored value is the bound.
+    assert below["s_star"] == 0.5
+
+
+def test_s_star_relative_tolerance_and_one_seed():
+    df = _sweep(np.random.default_rng(5), beta=0.3, seeds=1, noise=0.0, shared=0.0)
+    table = gap.tolerance_table(gap.paired_gaps(df), (gap.Tolerance(0.05, relative=True),))
+    row = table.iloc[0]
+    dense = 2.0 + 30 * SIZES[0] ** -0.3
+    assert row["limit"] == pytest.approx(0.05 * dense)
+    assert np.isnan(row["lo"]) and row["n_seeds"] == 1
+
+
+def test_regimes_follow_tags_else_token_budgets():
+    rng = np.random.default_rng(6)
+    both = pd.concat([_sweep(rng, 0.3, tag="scaled"), _sweep(rng, 0.3, tag="fixed")])
+    assert set(gap.regimes(both)) == {"scaled", "fixed"}
+    untagged = both.drop(columns=["tag"])
+    untagged["tokens"] = np.where(both["tag"] == "fixed", 1e6, both["tokens"])
+    assert gap.regimes(untagged).str.startswith("D = ").all()
+    info = gap.describe_regimes(both)
+    assert info["scaled"]["tokens_per_param"] == [4.0, 4.0]
