@@ -42,16 +42,34 @@ def process_start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def read_launch_state(workdir: Path) -> tuple[dict[str, Any], str | None]:
+    """(launch.json's record, None), or (an empty record, what is wrong) if it is damaged."""
+    workdir = Path(workdir)
+    path = workdir / LAUNCH_FILE
+    empty = {"run_id": workdir.name, "attempts": []}
+    try:
+        state = run_files.load_json(path)
+    except FileNotFoundError:
+        return empty, None
+    except run_files.RunFileError as e:
+        return empty, str(e)
+    attempts = state.get("attempts") if isinstance(state, dict) else None
+    if not isinstance(attempts, list) or not all(isinstance(a, dict) for a in attempts):
+        return empty, f"{path}: not a launch record (no list of attempts); the file is damaged"
+    return state, None
+
+
 @contextlib.contextmanager
 def edit_launch_state(workdir: Path) -> Iterator[dict[str, Any]]:
-    """Read-modify-write `launch.json` under a lock; the yielded dict is written back atomically."""
+    """Read-modify-write `launch.json` under a lock; the yielded dict is written back atomically.
+    A damaged launch.json is kept as `launch.json.damaged-<time>` and a new record started."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with run_files.file_lock(workdir / f".{LAUNCH_FILE}.lock"):
-        state = run_files.read_json(workdir / LAUNCH_FILE) or {
-            "run_id": workdir.name,
-            "attempts": [],
-        }
+        state, damaged = read_launch_state(workdir)
+        if damaged:
+            stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+            os.replace(workdir / LAUNCH_FILE, workdir / f"{LAUNCH_FILE}.damaged-{stamp}")
         yield state
         run_files.write_json_atomic(workdir / LAUNCH_FILE, state)
 
@@ -188,11 +206,12 @@ class RunStatus:
     attempts: int
     failures: int
     step: int | None
-    loss: float | None
+    loss: float | None  # the last train loss (the final one once done)
     tokens_per_s: float | None
     error: str | None
     open_attempt: dict[str, Any] | None
     active: bool  # a live process or Slurm job still holds the run (maybe finishing up after done)
+    eval_loss: float | None = None  # the last eval loss (the final one once done)
 
 
 def _attempt_alive(attempt: dict[str, Any], slurm_alive: set[str] | None) -> bool:
@@ -210,10 +229,15 @@ def _attempt_alive(attempt: dict[str, Any], slurm_alive: set[str] | None) -> boo
 def run_status(workdir: Path, slurm_alive: set[str] | None = None) -> RunStatus:
     """Status of the run in `workdir`; `slurm_alive` is the set from `squeue_alive` (None: unknown)."""
     workdir = Path(workdir)
-    state = run_files.read_json(workdir / LAUNCH_FILE) or {"attempts": []}
+    state, damaged = read_launch_state(workdir)
     attempts = state["attempts"]
     failures = sum(a.get("outcome") == FAILED for a in attempts)
-    metrics = last_metrics(workdir)
+    try:
+        metrics = last_metrics(workdir)
+    except run_files.RunFileError as e:
+        metrics, damaged = {}, damaged or str(e)
+    if damaged:  # the table names the file within the run
+        damaged = damaged.replace(f"{workdir}/", "")
     last = attempts[-1] if attempts else None
     open_attempt = last if last is not None and last.get("ended") is None else None
     error = None
@@ -233,26 +257,39 @@ def run_status(workdir: Path, slurm_alive: set[str] | None = None) -> RunStatus:
         open_attempt = None
     if status == FAILED and last.get("outcome") != FAILED:
         failures += 1
-    loss = metrics.get("train/loss")
+    loss, eval_loss = metrics.get("train/loss"), metrics.get("eval/loss")
+    if status == DONE:  # the final losses, as the run reported them
+        summary = run_files.read_json(workdir / run_files.SUMMARY)
+        if isinstance(summary, dict):
+            loss = summary.get("train_loss", loss)
+            eval_loss = summary.get("eval_loss", eval_loss)
     return RunStatus(
         run_id=workdir.name,
         status=status,
         attempts=len(attempts),
         failures=failures,
         step=metrics.get("step"),
-        loss=float(loss) if loss is not None else None,
+        loss=_float(loss),
         tokens_per_s=metrics.get("perf/tokens_per_s"),
-        error=error,
+        error=error or damaged,
         open_attempt=open_attempt,
         active=active,
+        eval_loss=_float(eval_loss),
     )
+
+
+def _float(x: Any) -> float | None:
+    try:
+        return None if x is None else float(x)
+    except (TypeError, ValueError):
+        return None
 
 
 def slurm_job_ids(workdirs: Iterable[Path]) -> list[str]:
     """Slurm job ids of open attempts in these workdirs (for one batched squeue call)."""
     ids = []
     for workdir in workdirs:
-        state = run_files.read_json(Path(workdir) / LAUNCH_FILE) or {"attempts": []}
+        state, _ = read_launch_state(workdir)
         if state["attempts"] and state["attempts"][-1].get("ended") is None:
             job = state["attempts"][-1].get("slurm_job_id")
             if job is not None:

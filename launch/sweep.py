@@ -325,11 +325,70 @@ def sweep_record(sweep: Sweep) -> dict[str, Any]:
     }
 
 
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
+RESERVED_NAMES = {"slurm"}  # directories the launcher itself keeps at the sweep root
+
+
+def _load_sweep_file(path: Path) -> dict[str, Any] | None:
+    """The validated record in `path`; None if missing; SweepError naming the cause if damaged."""
+    try:
+        record = run_files.load_json(path)
+    except FileNotFoundError:
+        return None
+    except run_files.RunFileError as e:
+        raise SweepError(
+            f"{e} It records which runs belong to the sweep; restore it, or move it away to "
+            "start a new record (the runs' directories are kept)"
+        ) from e
+    validate_sweep_record(record, path)
+    return record
+
+
+def validate_sweep_record(record: Any, path: Path | str) -> None:
+    """Refuse a crafted or damaged sweep record: every run id must name a plain directory
+    directly under the root (no `..`, `/`, hidden or reserved names), once, and every run must
+    carry the fields the launcher reads. Raises SweepError naming the file, the run and the field."""
+
+    def bad(what: str) -> SweepError:
+        return SweepError(f"{path}: {what}; the file is damaged or was not written by the launcher")
+
+    if not isinstance(record, dict):
+        raise bad(f"expected a JSON object, got {type(record).__name__}")
+    if not isinstance(record.get("experiment"), str):
+        raise bad(f"'experiment' must be a string, got {record.get('experiment')!r}")
+    if not isinstance(record.get("arg"), str | None):
+        raise bad(f"'arg' must be a string or null, got {record.get('arg')!r}")
+    runs = record.get("runs")
+    if not isinstance(runs, list):
+        raise bad(f"'runs' must be a list, got {type(runs).__name__}")
+    seen = set()
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise bad(f"runs[{i}] must be an object, got {run!r:.80}")
+        run_id = run.get("run_id")
+        if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
+            raise bad(
+                f"runs[{i}].run_id {run_id!r:.120} is not a plain directory name (letters, digits, "
+                "._+=-; it must not point outside the sweep root)"
+            )
+        if len(run_id) > 2 * MAX_RUN_ID_LEN or run_id in RESERVED_NAMES:
+            raise bad(f"runs[{i}].run_id {run_id[:120]!r} is too long or reserved")
+        if run_id in seen:
+            raise bad(f"run id {run_id!r} appears twice")
+        seen.add(run_id)
+        for key, minimum in (("steps", 1), ("tokens_per_step", 0)):
+            value = run.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise bad(f"run {run_id!r}: {key!r} must be an integer ≥ {minimum}, got {value!r}")
+        if not isinstance(run.get("overrides", {}), dict):
+            raise bad(f"run {run_id!r}: 'overrides' must be an object")
+
+
 def read_sweep_json(root: Path) -> dict[str, Any]:
     path = Path(root) / SWEEP_FILE
-    record = run_files.read_json(path)
+    record = _load_sweep_file(path)
     if record is None:
-        raise SweepError(f"{path}: not a sweep root (no readable {SWEEP_FILE})")
+        raise SweepError(f"{path}: not a sweep root (no {SWEEP_FILE})")
     return record
 
 
@@ -338,7 +397,7 @@ def save_sweep(root: Path, sweep: Sweep) -> dict[str, Any]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     record = sweep_record(sweep)
-    old = run_files.read_json(root / SWEEP_FILE)
+    old = _load_sweep_file(root / SWEEP_FILE)  # damaged: refused, never overwritten
     if old is not None:
         if (old["experiment"], old["arg"]) != (sweep.experiment, sweep.arg):
             raise SweepError(

@@ -17,6 +17,7 @@ import pytest
 
 from launch import stacking, state, status, sweep
 from launch.backends import local
+from launch.sweep import SweepError
 from sparsescale import run_files
 
 EXPERIMENT = """
@@ -142,3 +143,84 @@ def test_temporary_checkpoint_dirs_are_not_checkpoints(tmp_path):
     assert stacking.has_checkpoint(first.parent)
     planned = stacking.plan(expanded, list(expanded.runs), root, jobs=1, max_stack=4)
     assert planned == [[expanded.runs[0]], [expanded.runs[1]]]
+
+
+def _crafted_root(tmp_path: Path, runs) -> Path:
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    run_files.write_json_atomic(root / "sweep.json", {"experiment": "e", "arg": None, "runs": runs})
+    return root
+
+
+def _status_cli(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launch", "status", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+
+
+def _run(run_id, **fields):
+    return {"run_id": run_id, "overrides": {}, "steps": 10, "tokens_per_step": 4} | fields
+
+
+@pytest.mark.parametrize(
+    ("runs", "cause"),
+    [
+        ([_run("../x")], "'../x' is not a plain directory name"),
+        ([_run("/etc")], "'/etc' is not a plain directory name"),
+        ([_run("ok/../../x")], "must not point outside the sweep root"),
+        ([_run(".stacks")], "'.stacks' is not a plain directory name"),
+        ([_run("a"), _run("a")], "'a' appears twice"),
+        ([{"run_id": "a", "overrides": {}}], "run 'a': 'steps' must be an integer ≥ 1, got None"),
+        ([_run("a", tokens_per_step="4")], "'tokens_per_step' must be an integer"),
+        ({"r": 1}, "'runs' must be a list"),
+        (["a"], "runs[0] must be an object"),
+    ],
+)
+def test_crafted_sweep_json_is_refused_with_its_cause(tmp_path, runs, cause):
+    root = _crafted_root(tmp_path, runs)
+    outside = [p for p in tmp_path.rglob("*") if p != root and root not in p.parents]
+    with pytest.raises(SweepError, match="sweep.json: ") as e:
+        status.status_text(root)
+    assert cause in str(e.value)
+    result = _status_cli(root)  # the command line: a message naming the cause, no traceback
+    assert result.returncode == 2 and cause in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [p for p in tmp_path.rglob("*") if p != root and root not in p.parents] == outside
+
+
+def test_damaged_sweep_json_is_refused_and_never_overwritten(tmp_path):
+    spec = write_experiment(tmp_path, [{"sparsity.target": 0.5}], steps=20)
+    expanded = sweep.expand(spec)
+    root = tmp_path / "root"
+    record = sweep.save_sweep(root, expanded)
+    assert sweep.read_sweep_json(root)["runs"] == record["runs"]
+    torn = (root / "sweep.json").read_bytes()[:-40]  # a crafted or half-copied file
+    (root / "sweep.json").write_bytes(torn)
+    for call in (lambda: sweep.read_sweep_json(root), lambda: sweep.save_sweep(root, expanded)):
+        with pytest.raises(SweepError, match=r"sweep.json: not valid JSON .* damaged"):
+            call()
+    assert (root / "sweep.json").read_bytes() == torn  # relaunching did not replace the record
+    result = _status_cli(root)
+    assert result.returncode == 2 and "not valid JSON" in result.stderr
+
+
+def test_damaged_run_files_show_in_status_and_are_kept(tmp_path):
+    root = _crafted_root(tmp_path, [_run("a"), _run("b")])
+    (root / "a").mkdir()
+    (root / "a" / "launch.json").write_text('{"attempts": [{"n": 1')  # torn
+    (root / "b").mkdir()
+    (root / "b" / "metrics.jsonl").write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
+    by_id = {s.run_id: s for s in status.sweep_statuses(root)}
+    assert "launch.json: not valid JSON" in by_id["a"].error
+    assert "metrics.jsonl: line 2 is not valid JSON" in by_id["b"].error
+    text = status.status_text(root)
+    assert "launch.json: not valid" in text and "line 2" in text
+    # the launcher starts a new record and keeps the damaged one beside it
+    state.begin_attempt(root / "a", "local")
+    assert [a["n"] for a in state.read_launch_state(root / "a")[0]["attempts"]] == [1]
+    kept = list((root / "a").glob("launch.json.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_text() == '{"attempts": [{"n": 1'
