@@ -8,6 +8,7 @@ python -m launch collect runs/fig1
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -43,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="print the status table of a sweep root")
     st.add_argument("root", type=Path)
+    view = st.add_mutually_exclusive_group()
+    view.add_argument(
+        "--compact", action="store_true", help="fit the terminal (default on a terminal)"
+    )
+    view.add_argument("--full", action="store_true", help="one line per run (default otherwise)")
 
     col = sub.add_parser("collect", help="write results.csv and results.parquet")
     col.add_argument("root", type=Path)
@@ -77,7 +83,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     from launch.backends import local
 
     if args.command == "status":
-        print(status.status_text(args.root))
+        compact = args.compact or (sys.stdout.isatty() and not args.full)
+        size = shutil.get_terminal_size()
+        print(status.status_text(args.root, compact, size.columns, size.lines))
         return 0
     if args.command == "collect":
         frame = collect.collect(args.root, include_unfinished=args.all)

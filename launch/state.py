@@ -212,6 +212,8 @@ class RunStatus:
     open_attempt: dict[str, Any] | None
     active: bool  # a live process or Slurm job still holds the run (maybe finishing up after done)
     eval_loss: float | None = None  # the last eval loss (the final one once done)
+    tokens: int | None = None  # once done: tokens trained and wall time (summary.json)
+    wall_time_s: float | None = None
 
 
 def _attempt_alive(attempt: dict[str, Any], slurm_alive: set[str] | None) -> bool:
@@ -258,11 +260,10 @@ def run_status(workdir: Path, slurm_alive: set[str] | None = None) -> RunStatus:
     if status == FAILED and last.get("outcome") != FAILED:
         failures += 1
     loss, eval_loss = metrics.get("train/loss"), metrics.get("eval/loss")
-    if status == DONE:  # the final losses, as the run reported them
-        summary = run_files.read_json(workdir / run_files.SUMMARY)
-        if isinstance(summary, dict):
-            loss = summary.get("train_loss", loss)
-            eval_loss = summary.get("eval_loss", eval_loss)
+    summary = run_files.read_json(workdir / run_files.SUMMARY) if status == DONE else None
+    summary = summary if isinstance(summary, dict) else {}
+    loss = summary.get("train_loss", loss)  # the final losses, as the run reported them
+    eval_loss = summary.get("eval_loss", eval_loss)
     return RunStatus(
         run_id=workdir.name,
         status=status,
@@ -275,6 +276,8 @@ def run_status(workdir: Path, slurm_alive: set[str] | None = None) -> RunStatus:
         open_attempt=open_attempt,
         active=active,
         eval_loss=_float(eval_loss),
+        tokens=_float(summary.get("tokens")),
+        wall_time_s=_float(summary.get("wall_time_s")),
     )
 
 

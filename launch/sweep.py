@@ -315,12 +315,13 @@ def sweep_record(sweep: Sweep) -> dict[str, Any]:
         "runs": [
             {
                 "run_id": run.run_id,
+                "model": None if (m := _get(config, "model.name")) is None else str(m),
                 "overrides": {k: _jsonable(v) for k, v in run.overrides.items()},
                 "steps": run.steps,
                 "tokens_per_step": run.tokens_per_step,
                 "resources": dataclasses.asdict(run.resources),
             }
-            for run in sweep.runs
+            for run, config in zip(sweep.runs, sweep.configs, strict=True)
         ],
     }
 
@@ -380,6 +381,8 @@ def validate_sweep_record(record: Any, path: Path | str) -> None:
             value = run.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise bad(f"run {run_id!r}: {key!r} must be an integer ≥ {minimum}, got {value!r}")
+        if not isinstance(run.get("model"), str | None):
+            raise bad(f"run {run_id!r}: 'model' must be a string or null")
         if not isinstance(run.get("overrides", {}), dict):
             raise bad(f"run {run_id!r}: 'overrides' must be an object")
 

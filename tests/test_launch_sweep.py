@@ -246,9 +246,74 @@ def test_status_table_and_eta(tmp_path):
     text = status.status_text(root)
     lines = text.splitlines()
     assert lines[0].split() == ["run", "status", "step", "loss", "try", "eta", "error"]
-    # r2: 60 steps left × 50 tokens / 100 tokens/s = 30 s
-    assert lines[3].split() == ["r2", "running", "40/100", "4.25", "1", "0m30s"]
-    assert lines[-1] == "e:a  done 2  running 1  queued 0  failed 0  pending 0  (of 3)"
+    assert lines[1].split()[:4] == ["r0", "done", "-", "eval"]  # a done run shows its eval loss
+    # r2: 60 steps left × 50 tokens / 100 tokens/s = 30 s; no eval yet: the train loss, labelled
+    assert lines[3].split() == ["r2", "running", "40/100", "train", "4.25", "1", "0m30s"]
+    assert lines[-2] == "e:a  done 2  running 1  queued 0  failed 0  pending 0  (of 3)"
+    assert lines[-1].startswith("sweep eta 0m30s (1 runs at a time")
+
+
+def _live_attempt():
+    me = _attempt(host=os.uname().nodename, pid=os.getpid())
+    return me | {"pid_start": state.process_start_time(os.getpid())}
+
+
+def test_sweep_eta_and_compact_view(tmp_path):
+    """Five runs of two models: the whole sweep's ETA from measured rates (running runs' tokens/s,
+    a finished run's tokens over wall time) and, for the model nobody measured yet, its
+    calibrated rate scaled by how the measured model compares with its own calibration."""
+    root = tmp_path / "root"
+    models = ["m1", "m1", "m1", "m1", "m2"]
+    runs = [
+        {"run_id": f"name-{m}_target-0.{i}", "model": m, "steps": 100, "tokens_per_step": 50,
+         "overrides": {"model.name": m, "sparsity.target": float(f"0.{i}")}}
+        for i, m in enumerate(models)
+    ]  # fmt: skip
+    root.mkdir()
+    run_files.write_json_atomic(root / "sweep.json", {"experiment": "e", "arg": None, "runs": runs})
+    ids = [r["run_id"] for r in runs]
+    for run_id in ids:
+        (root / run_id).mkdir()
+    summary = {"train_loss": 2.5, "eval_loss": 2.625, "tokens": 5000, "wall_time_s": 100.0}
+    run_files.write_json_atomic(root / ids[0] / "summary.json", summary)  # 50 tokens/s
+    for run_id, line in [
+        (ids[1], {"step": 40, "train/loss": 3.5, "eval/loss": 3.125, "perf/tokens_per_s": 100.0}),
+        (ids[2], {"step": 80, "train/loss": 3.25, "perf/tokens_per_s": 100.0}),
+    ]:
+        run_files.write_json_atomic(root / run_id / "launch.json", {"attempts": [_live_attempt()]})
+        (root / run_id / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    calibration = {"m1": {"tokens_per_s": 200.0}, "m2": {"tokens_per_s": 20.0}}
+    run_files.write_json_atomic(root / "calibration.json", calibration)
+    assert status.CALIBRATION_FILE == cost.CALIBRATION_FILE
+
+    eta = status.sweep_eta(run_files.read_json(root / "sweep.json"), status.sweep_statuses(root),
+                           calibration)  # fmt: skip
+    # running: 30 s + 10 s; pending m1 at the measured median 100 tokens/s: 50 s; pending m2 at
+    # its calibration × (100 / 200): 10 tokens/s: 500 s; shared by the 2 runs training now
+    assert eta.lanes == 2 and eta.unknown == 0
+    assert eta.seconds == pytest.approx((30 + 10 + 50 + 500) / 2)
+    assert eta.text() == "sweep eta 4m55s (2 runs at a time; measured rates and calibration × 0.5)"
+
+    full = status.status_text(root).splitlines()
+    assert len(full) == 1 + 5 + 2 and full[-1] == eta.text()
+    assert full[2].split()[3:5] == ["eval", "3.125"] and full[3].split()[3:5] == ["train", "3.25"]
+
+    compact = status.status_text(root, compact=True, width=60, height=7).splitlines()
+    assert compact[0].split()[:3] == ["name", "target", "status"]  # what the labels hold
+    assert [ln.split()[:3] for ln in compact[1:3]] == [["m1", "0.1", "running"],
+                                                       ["m1", "0.2", "running"]]  # fmt: skip
+    assert compact[3] == "… not shown: 1 done, 2 pending"
+    assert compact[4].startswith("e  done 1  running 2") and compact[5] == eta.text()
+    assert all(len(ln) <= 60 for ln in compact[:4])
+
+    # nothing running (launcher stopped): the work left, one run at a time; a model without any
+    # rate is named as not counted
+    for run_id in ids[1:3]:
+        (root / run_id / "launch.json").unlink()
+    no_cal = status.sweep_eta(run_files.read_json(root / "sweep.json"), status.sweep_statuses(root))
+    assert no_cal.lanes is None and no_cal.unknown == 1
+    assert no_cal.text().startswith("sweep eta ") and "not running" in no_cal.text()
+    assert "1 runs without a rate not counted" in no_cal.text()
 
 
 def test_collect_writes_finished_runs(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -117,7 +118,13 @@ class _Printer:
         if not force and time.monotonic() - self.last < period:
             return
         self.last = time.monotonic()
-        text = status.format_table(record, status.sweep_statuses(root, record))
+        # compact: fits the terminal (or, in a log, 120 columns and 30 lines every 30 s)
+        size = shutil.get_terminal_size((120, 30))
+        calibration = status.read_calibration(root)
+        statuses = status.sweep_statuses(root, record)
+        text = status.format_table(
+            record, statuses, calibration, compact=True, width=size.columns, height=size.lines
+        )
         if self.tty:
             self.out.write("\x1b[H\x1b[J")
         print(text, file=self.out, flush=True)

@@ -133,10 +133,11 @@ def run_slurm(sweep: Sweep, root: Path, options: SlurmOptions, out: IO[str] = sy
                       file=out, flush=True)  # fmt: skip
                 continue
             busy = any(s.active for s in statuses)
-            table = status.format_table(record, statuses)
-            if table != shown:  # print on change only
+            table = status.format_table(record, statuses, status.read_calibration(root))
+            changed = "\n".join(ln for ln in table.splitlines() if not ln.startswith("sweep eta"))
+            if changed != shown:  # print on change only (not on the ETA alone)
                 print(table, file=out, flush=True)
-                shown = table
+                shown = changed
             if not options.wait or not busy:
                 return sum(s.status == state.FAILED for s in statuses)
             time.sleep(options.poll_s)
