@@ -31,7 +31,7 @@ from sparsescale.kernels import (
     xla_block_matmul,
 )
 from sparsescale.kernels.formats import nm_bytes_per_element
-from sparsescale.kernels.xla_block import choose_path
+from sparsescale.kernels.xla_block import choose_strategy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -89,19 +89,19 @@ def bench_xla_block(rng, shape, dtype, sparsities, blocks, iters):
             mask, actual = balanced_block_mask(rng, k, n, block, sparsity)
             packed = pack_block(w, mask, block)
 
-            def sparse(x, values, packed=packed, path="auto"):
+            def sparse(x, values, packed=packed, strategy="auto"):
                 p = packed
                 rebuilt = type(p)(
                     values, p.rows, p.counts, p.rows_t, p.slots_t, p.counts_t, p.shape, p.block
                 )
-                return xla_block_matmul(x, rebuilt, path=path)
+                return xla_block_matmul(x, rebuilt, strategy=strategy)
 
-            path = choose_path(packed)
+            strategy = choose_strategy(packed)
             calls = [
                 (masked, (x, w, jnp.asarray(mask))),
-                (fwd_bwd(functools.partial(sparse, path="gather")), (x, packed.values)),
+                (fwd_bwd(functools.partial(sparse, strategy="gather")), (x, packed.values)),
             ]
-            if path != "gather":
+            if strategy != "gather":
                 calls.append((fwd_bwd(sparse), (x, packed.values)))
             t_dense, t_gather, *rest = time_fns(calls, iters)
             t_auto = rest[0] if rest else t_gather
@@ -111,7 +111,7 @@ def bench_xla_block(rng, shape, dtype, sparsities, blocks, iters):
                     dtype=jnp.dtype(dtype).name,
                     block=list(block),
                     sparsity=round(actual, 4),
-                    auto_path=path,
+                    auto_strategy=strategy,
                     masked_dense_fwd_bwd_s=t_dense,
                     xla_block_auto_fwd_bwd_s=t_auto,
                     xla_block_gather_fwd_bwd_s=t_gather,
@@ -122,7 +122,7 @@ def bench_xla_block(rng, shape, dtype, sparsities, blocks, iters):
             )
             print(
                 f"xla block {block} sparsity {actual:.4f}: masked dense {t_dense * 1e3:.1f} ms, "
-                f"gather {t_gather * 1e3:.1f} ms ({t_dense / t_gather:.2f}x), auto={path} "
+                f"gather {t_gather * 1e3:.1f} ms ({t_dense / t_gather:.2f}x), auto={strategy} "
                 f"{t_auto * 1e3:.1f} ms ({t_dense / t_auto:.2f}x)",
                 flush=True,
             )
@@ -228,8 +228,8 @@ def main():
         result["pallas"] = bench_pallas(rng, backend, size, iters)
     result["notes"] = [
         "speedup = dense time / sparse time, best of `iters` interleaved runs in this process",
-        "xla_block rows: masked dense XLA vs xla_block_matmul fwd+bwd; auto_path is what "
-        "path='auto' picks (gather below the crossover, densify above it)",
+        "xla_block rows: masked dense XLA vs xla_block_matmul fwd+bwd; auto_strategy is what "
+        "strategy='auto' picks (gather below the crossover, scatter into a dense kernel above it)",
         "2:4 cannot beat dense when compute-bound: Pallas has no sparse tensor-core / MXU "
         "instruction, so the kernel still multiplies all of K; its gain is bytes (decode)",
         "bf16 2:4 bytes bound for a memory-bound matvec: 2 / 1.125 = 1.78x",

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import sparsescale  # noqa: F401
 from benchmarks import common
 from sparsescale import layers
 from sparsescale import sparsity as sp

@@ -1,7 +1,7 @@
-"""sparsescale: sparse Flax NNX layers and sparsity scaling experiments."""
+"""sparsescale: sparse Flax NNX layers and sparsity scaling experiments.
 
-import flax
-
-# Variables carry logical axis names only; shardings are applied explicitly by jit in/out shardings
-# (see sharding.py), so variables can be created outside a mesh context.
-flax.config.update("flax_always_shard_variable", False)
+Importing it changes no global state. Variables carry logical axis names only (`out_sharding=`
+metadata); shardings are applied explicitly by jit in/out shardings (see sharding.py), so the
+modules here create their variables under `nnx.use_eager_sharding(False)` (`layers.lazy_sharding`)
+and can be built outside a mesh context whatever `flax_always_shard_variable` is set to.
+"""

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsescale.layers import Mask, SparseLinear
+from sparsescale.layers import Mask, SparseLinear, lazy_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,8 @@ class ModelConfig:
     max_len: int = 128
     mlp: str = "gelu"  # "gelu" | "swiglu"
     pos: str = "rope"  # "rope" | "learned"
+    # Tied: the head reuses the embedding table (std 1) scaled by 1/sqrt(d_model), so the initial
+    # logits have std ≈ 1 (loss ≈ ln V) as with the untied head (kernel std 1/sqrt(d_model)).
     tie_embeddings: bool = False
     dtype: str = "float32"  # activation/compute dtype; params stay float32
     dense_grad: bool = False  # straight-through kernel gradients (RigL, SR-STE)
@@ -155,7 +157,10 @@ class Mlp(nnx.Module):
         return self.down(h_BxLxF)
 
 
-class Block(nnx.Module):
+class TransformerBlock(nnx.Module):
+    """Pre-norm attention + MLP (or MoE) residual block. (Not `sparsity.Block`, the structure.)"""
+
+    @lazy_sharding
     def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
         norm = lambda: nnx.RMSNorm(
@@ -193,6 +198,7 @@ class Transformer(nnx.Module):
     """Decoder-only byte-level LM. `__call__(tokens_BxL) -> (logits_BxLxV, aux)`; `aux` holds the
     summed MoE auxiliary loss (`aux_loss`) and per-layer router statistics."""
 
+    @lazy_sharding
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = nnx.Embed(
@@ -210,7 +216,7 @@ class Transformer(nnx.Module):
             if cfg.pos == "learned"
             else None
         )
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.blocks = nnx.List([TransformerBlock(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = nnx.RMSNorm(
             cfg.d_model, rngs=rngs, scale_metadata={"out_sharding": ("embed",)}
         )
@@ -240,7 +246,8 @@ class Transformer(nnx.Module):
                 stats.update({f"moe/{i}/{k}": v for k, v in aux.items()})
         x_BxLxD = self.final_norm(x_BxLxD)
         if self.unembed is None:
-            logits_BxLxV = self.embed.attend(x_BxLxD)
+            # The table has std 1 (inputs); scaled like the untied head's 1/sqrt(D) init.
+            logits_BxLxV = self.embed.attend(x_BxLxD) * (1.0 / math.sqrt(self.cfg.d_model))
         else:
             logits_BxLxV = self.unembed(x_BxLxD)
         return logits_BxLxV.astype(jnp.float32), {"aux_loss": aux_loss, **stats}

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsescale.layers import Mask, masked_kernel
+from sparsescale.layers import Mask, lazy_sharding, masked_kernel
 
 GATINGS = ("topk_softmax", "softmax_topk")
 DISPATCHES = ("dropless", "capacity")
@@ -236,6 +236,7 @@ class ExpertLinear(nnx.Module):
     """E stacked bias-free linear maps: `kernel` [E, in, out] and an optional `mask` (a `Mask` of
     the kernel's shape, None = dense). `dense_grad` as in `layers.masked_kernel`."""
 
+    @lazy_sharding
     def __init__(
         self,
         num_experts: int,
@@ -265,6 +266,7 @@ class ExpertLinear(nnx.Module):
 class MoE(nnx.Module):
     """Top-k mixture of E expert MLPs ("gelu" or "swiglu", no biases, like the dense MLP)."""
 
+    @lazy_sharding
     def __init__(
         self,
         cfg: MoEConfig,

@@ -18,21 +18,22 @@ from sparsescale import sparsity as sp
 
 Path = tuple
 METHODS = ("magnitude", "random", "set", "rigl", "srste")
+IMPLS = ("masked", "block")  # `SparseLinear` impls the trainer runs pruned layers with
 
 
 @dataclasses.dataclass(frozen=True)
-class PruningConfig:
+class SparsityConfig:
     """How a model is sparsified over training.
 
     method: "magnitude" (prune by |w|), "random" (seeded random scores: static random sparsity
     with a constant schedule), "set" / "rigl" (dynamic sparse training; schedule kind "dynamic"),
     "srste" (N:M with sparse-refined straight-through estimator; dense weights keep training).
 
-    impl: how pruned layers execute. "masked": dense matmul of kernel ⊙ mask throughout. "block"
-    (block structures): the trainer switches them to the block-sparse path once every pruned
+    impl (`IMPLS`, a subset of the layers' vocabulary `layers.IMPLS`): how pruned layers execute.
+    "masked": dense matmul of kernel ⊙ mask throughout. "block" (block structures): the trainer switches them to the block-sparse path once every pruned
     layer is at most `switch_density` dense (None: the break-even density measured for the block
     size by benchmarks/block_sparse.py), and again at the final sparsity (two recompiles at most).
-    Same results as "masked" up to float rounding; balanced blocks (`Block(balanced=True)`) give
+    Same results as "masked" up to float rounding; balanced blocks (`sparsity.Block(balanced=True)`) give
     the tightest tile budget and so the most speed.
     """
 
@@ -59,8 +60,8 @@ class PruningConfig:
             raise ValueError("srste needs an N:M structure.")
         if self.allocation == "global" and isinstance(self.structure, sp.NM):
             raise ValueError("N:M sparsity is per group; use allocation 'uniform' with N:M.")
-        if self.impl not in ("masked", "block"):
-            raise ValueError(f"Unknown sparsity impl {self.impl!r}; expected 'masked' or 'block'.")
+        if self.impl not in IMPLS:
+            raise ValueError(f"Unknown sparsity impl {self.impl!r}; expected one of {IMPLS}.")
         if self.impl == "block" and not isinstance(self.structure, sp.Block):
             raise ValueError(f"impl 'block' needs a block structure, got {self.structure}.")
         if self.switch_density is not None and not 0.0 < self.switch_density <= 1.0:
@@ -97,7 +98,7 @@ class Pruner:
     """
 
     def __init__(
-        self, cfg: PruningConfig, kernel_shapes: Mapping[Path, tuple[int, ...]], total_steps: int
+        self, cfg: SparsityConfig, kernel_shapes: Mapping[Path, tuple[int, ...]], total_steps: int
     ):
         self.cfg, self.total_steps = cfg, int(total_steps)
         self.seed = cfg.seed

@@ -400,16 +400,5 @@ def srste_decay(kernel: jax.Array, mask: jax.Array, strength: float) -> jax.Arra
     return strength * jnp.where(mask, 0.0, kernel)
 
 
-def describe(structure: Structure | None) -> str:
-    if structure is None:
-        return "dense"
-    if isinstance(structure, NM):
-        return f"nm{structure.n}:{structure.m}"
-    if isinstance(structure, Block):
-        kind = "bcol" if structure.balanced else "block"
-        return f"{kind}{structure.block[0]}x{structure.block[1]}@{structure.sparsity:g}"
-    return f"unstructured@{structure.sparsity:g}"
-
-
 def target_sparsity(structure: Structure | None) -> float:
     return 0.0 if structure is None else float(structure.sparsity)

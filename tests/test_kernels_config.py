@@ -57,6 +57,6 @@ def test_picked_tiles_pass_check_config():
 
 def test_auto_impl_per_backend():
     assert auto_impl("nm", "cpu") == "masked"
-    assert auto_impl("nm", "tpu") == "pallas_nm"
-    assert auto_impl("block", "gpu") == "pallas_block"
+    assert auto_impl("nm", "tpu") == "nm"
+    assert auto_impl("block", "gpu") == "block"
     assert auto_impl("unstructured", "tpu") == "masked"

@@ -183,12 +183,12 @@ def test_block_matmul_matches_dense(dtype, backend, rows, k, cols, block, densit
 
 
 @pytest.mark.parametrize(
-    "dtype,density,path",
-    [(jnp.float32, 0.5, "gather"), (jnp.bfloat16, 0.25, "gather"), (jnp.float32, 0.5, "dense")],
+    "dtype,density,strategy",
+    [(jnp.float32, 0.5, "gather"), (jnp.bfloat16, 0.25, "gather"), (jnp.float32, 0.5, "scatter")],
 )
-def test_xla_block_matmul_matches_dense(dtype, density, path):
+def test_xla_block_matmul_matches_dense(dtype, density, strategy):
     x, w, mask, packed = block_problem(dtype, 24, 64, 64, (16, 16), density, seed=11)
-    op = lambda x, p: xla_block_matmul(x, p, path=path)
+    op = lambda x, p: xla_block_matmul(x, p, strategy=strategy)
     y, gx, gv = run_op_and_grads(op, x, packed, rebuild_block(packed))
     y_ref, gx_ref, gw_ref = dense_loss_grads(x, w, mask)
     assert_close(y, y_ref, dtype)

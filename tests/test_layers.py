@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import sparsescale  # noqa: F401  (sets flax config)
 from sparsescale import layers
 from sparsescale import sharding as shard_lib
 from sparsescale import sparsity as sp
@@ -99,6 +98,52 @@ def test_sparsify_errors():
         layers.sparsify(UserModel(nnx.Rngs(0)), sp.NM(1, 3))
 
 
+class TwoLayers(nnx.Module):
+    def __init__(self, rngs):
+        self.first = nnx.Linear(16, 30, rngs=rngs)
+        self.second = nnx.Linear(30, 8, rngs=rngs)  # 30 inputs: not divisible into groups of 4
+
+
+def test_sparsify_validates_every_layer_before_converting_any():
+    model = TwoLayers(nnx.Rngs(0))
+    kernel = np.asarray(model.first.kernel[...])
+    with pytest.raises(ValueError, match="second"):
+        layers.sparsify(model, sp.NM(2, 4), exclude=())
+    assert type(model.first) is nnx.Linear and type(model.second) is nnx.Linear
+    np.testing.assert_array_equal(model.first.kernel[...], kernel)  # untouched, not pruned
+    assert layers.sparse_layers(model) == {}
+
+
+def test_import_has_no_global_flax_side_effect():
+    """`import sparsescale` flips no flax flag; the modules build outside a mesh context whatever
+    `flax_always_shard_variable` is (their variables carry logical axis names only)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import flax; before = flax.config.flax_always_shard_variable; "
+        "import sparsescale, sparsescale.layers, sparsescale.model, sparsescale.train; "
+        "assert flax.config.flax_always_shard_variable == before, before"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from flax import config as flax_config
+
+    from sparsescale import model as model_lib
+
+    with flax_config.temp_flip_flag("always_shard_variable", True):
+        layer = layers.SparseLinear(8, 16, kernel_axes=("embed", "mlp"), rngs=nnx.Rngs(0))
+        assert layer.kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
+        cfg = model_lib.preset("cpu_6k", moe=_tiny_moe())
+        model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
+        layers.sparsify(TwoLayers(nnx.Rngs(0)), exclude=("second",))
+
+
+def _tiny_moe():
+    from sparsescale import moe
+
+    return moe.MoEConfig(num_experts=2, top_k=1, every=2)
+
+
 def test_mask_sharded_like_kernel_on_4_device_mesh():
     mesh = shard_lib.make_mesh(shard_lib.MeshConfig(data=1, fsdp=2, tensor=2))
     layer = layers.SparseLinear(8, 16, kernel_axes=("embed", "mlp"), rngs=nnx.Rngs(0))
@@ -123,17 +168,20 @@ def test_bad_mesh_is_rejected():
 
 
 @pytest.mark.parametrize(
-    "impl, structure",
+    "impl, lowering, structure",
     [
-        ("pallas_nm", sp.NM(2, 4)),
-        ("pallas_block", sp.Block(0.5, (8, 8))),
-        ("xla_block", sp.Block(0.75, (8, 8))),
+        ("nm", "pallas", sp.NM(2, 4)),
+        ("block", "pallas", sp.Block(0.5, (8, 8))),
+        ("block", "xla", sp.Block(0.75, (8, 8))),
     ],
 )
-def test_compressed_impls_match_masked_forward_and_grads(impl, structure):
+def test_compressed_impls_match_masked_forward_and_grads(impl, lowering, structure):
     kwargs = dict(use_bias=True, kernel_axes=("embed", "mlp"))
     masked = layers.SparseLinear(32, 16, rngs=nnx.Rngs(0), **kwargs)
-    fast = layers.SparseLinear(32, 16, impl=impl, structure=structure, rngs=nnx.Rngs(1), **kwargs)
+    fast = layers.SparseLinear(
+        32, 16, impl=impl, lowering=lowering, structure=structure, rngs=nnx.Rngs(1), **kwargs
+    )
+    assert (fast.impl, fast.lowering) == (impl, lowering)
     mask = structure.mask(jnp.abs(masked.kernel[...]))
     for layer in (masked, fast):
         layer.kernel[...] = masked.kernel[...]
@@ -153,13 +201,28 @@ def test_compressed_impls_match_masked_forward_and_grads(impl, structure):
 
 def test_impl_errors_and_auto():
     with pytest.raises(ValueError, match="needs an NM structure"):
-        layers.SparseLinear(8, 8, impl="pallas_nm", rngs=nnx.Rngs(0))
+        layers.SparseLinear(8, 8, impl="nm", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="needs a Block structure"):
-        layers.SparseLinear(8, 8, impl="xla_block", structure=sp.NM(2, 4), rngs=nnx.Rngs(0))
+        layers.SparseLinear(8, 8, impl="block", structure=sp.NM(2, 4), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="impl must be one of"):
         layers.SparseLinear(8, 8, impl="cusparse", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="lowering must be one of"):
+        layers.SparseLinear(8, 8, impl="block", lowering="cuda", rngs=nnx.Rngs(0))
     auto = layers.SparseLinear(8, 8, impl="auto", structure=sp.NM(2, 4), rngs=nnx.Rngs(0))
-    assert auto.impl == ("masked" if jax.default_backend() == "cpu" else "pallas_nm")
+    assert auto.impl == ("masked" if jax.default_backend() == "cpu" else "nm")
+    # The config vocabulary ("masked" | "block") is a subset of the layer's.
+    assert set(pruner_vocabulary()) <= set(layers.IMPLS)
+    with pytest.warns(DeprecationWarning, match="lowering='xla'"):
+        old = layers.SparseLinear(
+            16, 16, impl="xla_block", structure=sp.Block(0.5, (8, 8)), rngs=nnx.Rngs(0)
+        )
+    assert (old.impl, old.lowering) == ("block", "xla")
+
+
+def pruner_vocabulary():
+    from sparsescale import pruner
+
+    return pruner.IMPLS
 
 
 def test_compressed_views_round_trip():

@@ -1,13 +1,13 @@
 """Sparse matmul kernels (Pallas N:M and block-sparse, XLA block-sparse) and compressed formats.
 
 Public API: formats (`pack_nm`, `unpack_nm`, `pack_block`, `unpack_block`), ops (`nm_matmul`,
-`block_matmul`, `xla_block_matmul`), plain-jnp references, `check_config` and `auto_impl`.
+`block_matmul`, `xla_block_matmul`), `check_config` and `auto_impl`.
 
 Use from a layer holding a dense kernel [K, N] and a boolean mask (packing is jittable and
 differentiable, so gradients reach the dense kernel, zero off the mask):
-    y = nm_matmul(x, pack_nm(kernel, mask, n, m))                       # impl="pallas_nm"
-    y = block_matmul(x, pack_block(kernel, mask, block, b_col, b_row))  # impl="pallas_block"
-    y = xla_block_matmul(x, pack_block(kernel, mask, block, b_col, b_row))  # impl="xla_block"
+    y = nm_matmul(x, pack_nm(kernel, mask, n, m))                # impl="nm"
+    y = block_matmul(x, pack_block(kernel, mask, block, b_col, b_row))      # impl="block", Pallas
+    y = xla_block_matmul(x, pack_block(kernel, mask, block, b_col, b_row))  # impl="block", XLA
 Under jit, pack_block needs static budgets (b_col tiles per block-column, b_row per block-row):
 take them from the concrete mask at construction (or Kb / Nb for a mask that may change). At
 construction call `check_config(kind, (K, N), dtype, tiles, backend, ...)` with the tiles the op
@@ -15,7 +15,6 @@ will use (`tiles.pick_nm_tiles` / `tiles.pick_block_tiles`, which the ops use wh
 """
 
 from sparsescale.kernels.block_matmul.ops import block_matmul
-from sparsescale.kernels.block_matmul.reference import block_matmul_reference
 from sparsescale.kernels.formats import (
     BlockPacked,
     NMPacked,
@@ -25,7 +24,6 @@ from sparsescale.kernels.formats import (
     unpack_nm,
 )
 from sparsescale.kernels.nm_matmul.ops import nm_matmul
-from sparsescale.kernels.nm_matmul.reference import nm_matmul_reference
 from sparsescale.kernels.tiles import BlockTiles, NMTiles, auto_impl, check_config
 from sparsescale.kernels.xla_block import xla_block_matmul
 
@@ -36,10 +34,8 @@ __all__ = [
     "NMTiles",
     "auto_impl",
     "block_matmul",
-    "block_matmul_reference",
     "check_config",
     "nm_matmul",
-    "nm_matmul_reference",
     "pack_block",
     "pack_nm",
     "unpack_block",

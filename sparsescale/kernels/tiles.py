@@ -212,10 +212,11 @@ def pick_block_tiles(shape, rows: int, dtype, backend: str, interpret: bool, blo
 
 
 def auto_impl(structure: str, backend: str | None = None) -> str:
-    """Default SparseLinear impl for a mask structure ("nm", "block", "unstructured", ...):
-    "masked" dense XLA on CPU (Pallas only interprets there) and for unstructured masks, else the
-    Pallas kernel of the structure ("pallas_nm" / "pallas_block")."""
+    """Default SparseLinear impl (`layers.IMPLS`) for a mask structure ("nm", "block",
+    "unstructured", ...): "masked" dense XLA on CPU (Pallas only interprets there) and for
+    unstructured masks, else the structure's compressed impl ("nm" / "block", which lower to
+    Pallas off CPU)."""
     platform = backend or jax.default_backend()
     if platform == "cpu":
         return "masked"
-    return {"nm": "pallas_nm", "block": "pallas_block"}.get(structure, "masked")
+    return {"nm": "nm", "block": "block"}.get(structure, "masked")

@@ -15,23 +15,22 @@ of x is Nb·B/Kb times x, and keeping it cache-sized is what makes the path pay 
 M = 4096, 75% sparse 64×64 tiles: 1.1× → 2.9× over dense with chunk = 512; dense XLA does not gain
 from chunking).
 
-`path="dense"` instead scatters the tiles into a dense kernel and runs one dense matmul (same
-gradients: dvalues = the dense weight gradient read at the kept tiles); `path="auto"` picks by
-`choose_path`, from the break-even densities benchmarks/block_sparse.py measured (CPU, one core,
-M = 4096, balanced tiles: 16² 0.28, 32² 0.43, 64² 0.65, 128² 0.91).
+`strategy="scatter"` instead scatters the tiles into a dense kernel and runs one dense matmul (same
+gradients: dvalues = the dense weight gradient read at the kept tiles); `strategy="auto"` picks by
+`choose_strategy`, from the break-even densities benchmarks/block_sparse.py measured and stores in
+the package's tuning data (`sparsescale.tuning`; CPU, one core, M = 4096, balanced tiles: 16² 0.28,
+32² 0.43, 64² 0.65, 128² 0.91). Either way this is `SparseLinear(impl="block", lowering="xla")`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsescale import tuning
 from sparsescale.kernels.formats import BlockPacked, first_true
 
 DEFAULT_CHUNK = 512
@@ -41,15 +40,15 @@ def _valid(counts, budget):
     return jnp.arange(budget)[None, :] < counts[:, None]  # [Nb, B]
 
 
-PATHS = ("auto", "gather", "dense")
+STRATEGIES = ("auto", "gather", "scatter")
 
 
-def choose_path(packed: BlockPacked) -> str:
-    """ "gather" or "dense" for path="auto": gather when the tile budget per block-column is at
-    most the measured break-even density of the block size (`break_even_density`)."""
+def choose_strategy(packed: BlockPacked) -> str:
+    """ "gather" or "scatter" for strategy="auto": gather when the tile budget per block-column is
+    at most the measured break-even density of the block size (`break_even_density`)."""
     kb = packed.shape[0] // packed.block[0]
     budget = packed.values.shape[1]
-    return "gather" if budget / kb <= break_even_density(packed.block) else "dense"
+    return "gather" if budget / kb <= break_even_density(packed.block) else "scatter"
 
 
 def slot_map(rows, counts, kb: int):
@@ -113,17 +112,17 @@ def pack_columns(kernel_KxN, mask_KxN, block: tuple[int, int], budget: int):
 
 
 @jax.custom_vjp
-def _xla_dense(x_MxK, values, rows, counts):
-    return _dense_fwd(x_MxK, values, rows, counts)[0]
+def _xla_scatter(x_MxK, values, rows, counts):
+    return _scatter_fwd(x_MxK, values, rows, counts)[0]
 
 
-def _dense_fwd(x_MxK, values, rows, counts):
+def _scatter_fwd(x_MxK, values, rows, counts):
     w = _densify(values.astype(x_MxK.dtype), rows, counts, x_MxK.shape[1])
     y = jnp.matmul(x_MxK, w, preferred_element_type=jnp.float32).astype(x_MxK.dtype)
     return y, (x_MxK, w, values, rows, counts)
 
 
-def _dense_bwd(res, dy_MxN):
+def _scatter_bwd(res, dy_MxN):
     x_MxK, w, values, rows, counts = res
     nb, budget, bh, bw = values.shape
     dy = dy_MxN.astype(x_MxK.dtype)
@@ -135,7 +134,7 @@ def _dense_bwd(res, dy_MxN):
     return dx, dvals.astype(values.dtype), zero_int(rows), zero_int(counts)
 
 
-_xla_dense.defvjp(_dense_fwd, _dense_bwd)
+_xla_scatter.defvjp(_scatter_fwd, _scatter_bwd)
 
 
 def _gather_columns(x_MxK, rows_NbxB, bh: int):
@@ -245,14 +244,21 @@ def block_columns_matmul(x, values, rows, counts, *, chunk: int = DEFAULT_CHUNK)
 
 
 def xla_block_matmul(
-    x_MxK: jax.Array, packed: BlockPacked, *, path: str = "auto", chunk: int = DEFAULT_CHUNK
+    x_MxK: jax.Array,
+    packed: BlockPacked,
+    *,
+    strategy: str = "auto",
+    chunk: int = DEFAULT_CHUNK,
 ) -> jax.Array:
     """y [..., N] = x [..., K] @ unpack_block(packed) in plain XLA (no Pallas).
 
-    path: "gather" (work ∝ kept tiles), "dense" (scatter tiles, dense matmul) or "auto".
+    strategy: "gather" (work ∝ kept tiles), "scatter" (tiles into a dense kernel, dense matmul)
+    or "auto" (`choose_strategy`).
     """
-    if path not in PATHS:
-        raise ValueError(f"xla_block_matmul: path must be one of {PATHS}, got {path!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"xla_block_matmul: strategy must be one of {STRATEGIES}, got {strategy!r}"
+        )
     if not isinstance(packed, BlockPacked):
         raise ValueError(
             f"xla_block_matmul: packed must be a BlockPacked (see pack_block), got {type(packed)}"
@@ -263,30 +269,21 @@ def xla_block_matmul(
             f"xla_block_matmul: x {x_MxK.shape} must end in the kernel's K={k} "
             f"(kernel [{k}, {cols}])"
         )
-    path = choose_path(packed) if path == "auto" else path
-    if path == "gather":
+    strategy = choose_strategy(packed) if strategy == "auto" else strategy
+    if strategy == "gather":
         return block_columns_matmul(x_MxK, packed.values, packed.rows, packed.counts, chunk=chunk)
     lead = x_MxK.shape[:-1]
-    y = _xla_dense(x_MxK.reshape(-1, k), packed.values, packed.rows, packed.counts)
+    y = _xla_scatter(x_MxK.reshape(-1, k), packed.values, packed.rows, packed.counts)
     return y.reshape(*lead, cols)
 
 
-DEFAULT_BREAK_EVEN = 0.5
-_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+DEFAULT_BREAK_EVEN = tuning.DEFAULT_BREAK_EVEN
 
 
 @functools.cache
 def break_even_density(block: tuple[int, int], backend: str | None = None) -> float:
     """Density below which the block-sparse layer beats masked dense (forward + backward), as
-    measured by benchmarks/block_sparse.py for this backend (nearest measured block area;
-    DEFAULT_BREAK_EVEN when nothing was measured; 0 when the block path never won)."""
-    backend = backend or jax.default_backend()
-    path = _RESULTS / f"block_sparse_{backend}.json"
-    if not path.exists():
-        return DEFAULT_BREAK_EVEN
-    measured = json.loads(path.read_text()).get("break_even_density", {})
-    if not measured:
-        return DEFAULT_BREAK_EVEN
-    area = block[0] * block[1]
-    nearest = min(measured, key=lambda b: abs(math.log(math.prod(map(int, b.split("x"))) / area)))
-    return float(measured[nearest] or 0.0)
+    measured by benchmarks/block_sparse.py for this backend (`tuning.break_even_density`: nearest
+    measured block area; DEFAULT_BREAK_EVEN when nothing was measured, which is logged; 0 when
+    the block path never won)."""
+    return tuning.break_even_density(tuple(block), backend or jax.default_backend())
