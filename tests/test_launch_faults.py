@@ -224,3 +224,28 @@ def test_damaged_run_files_show_in_status_and_are_kept(tmp_path):
     assert [a["n"] for a in state.read_launch_state(root / "a")[0]["attempts"]] == [1]
     kept = list((root / "a").glob("launch.json.damaged-*"))
     assert len(kept) == 1 and kept[0].read_text() == '{"attempts": [{"n": 1'
+
+
+def test_stop_kills_stubborn_trainers_and_keeps_finished_results(tmp_path, monkeypatch):
+    """The launcher's stop path: a trainer ignoring SIGTERM is killed after the grace period; a
+    run whose summary.json appeared meanwhile is closed as done, the other as interrupted."""
+    monkeypatch.setattr(local, "STOP_GRACE_S", 0.5)
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', "
+    stubborn += "flush=True); time.sleep(60)"
+    runs = [sweep.Run(r, {}, 10, 4, sweep.Resources()) for r in ("a", "b")]
+    attempts = [state.begin_attempt(tmp_path / r.run_id, "local") for r in runs]
+    started = time.time()
+    child = local.spawn([sys.executable, "-c", stubborn], sorted(os.sched_getaffinity(0)),
+                        stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert child.stdout.readline().strip() == "ready"
+    for r, n in zip(runs, attempts, strict=True):
+        state.mark_started(tmp_path / r.run_id, n, child.pid)
+    run_files.write_json_atomic(tmp_path / "b" / "summary.json", {"eval_loss": 1.0})
+    job = local._Active(runs, attempts, child, [], started, 0, stderr=tmp_path / "stack.log")
+    local._stop([job], tmp_path, "SIGTERM")
+    assert child.returncode == -signal.SIGKILL
+    a, b = (state.read_launch_state(tmp_path / r)[0]["attempts"][-1] for r in ("a", "b"))
+    assert (a["outcome"], a["error"]) == (state.INTERRUPTED, "launcher stopped by SIGTERM")
+    assert b["outcome"] == state.DONE and b["error"] is None
+    assert state.run_status(tmp_path / "a").status == state.PENDING  # resumable, not failed
+    assert state.run_status(tmp_path / "a").failures == 0

@@ -177,9 +177,12 @@ def run_local(sweep: Sweep, root: Path, options: LocalOptions, out: IO[str] = sy
                     printer.event(f"{active[-1].name}: started")
                 printer.table(root, record)
                 time.sleep(options.poll_s)
-        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (signals.Interrupted)
+        except BaseException as e:  # Ctrl-C, SIGTERM (signals.Interrupted), or a launcher error
             with signals.shielded():
-                cause = getattr(e, "signame", "SIGINT")
+                if isinstance(e, KeyboardInterrupt):
+                    cause = getattr(e, "signame", "SIGINT")
+                else:
+                    cause = f"its own error ({type(e).__name__}: {e})"
                 printer.event(f"interrupted by {cause}: stopping {len(active)} jobs")
                 _stop(active, root, cause)
             raise
