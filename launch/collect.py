@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from launch import status
-from launch.sweep import read_sweep_json
+from launch.sweep import SweepError, read_sweep_json
 from sparsescale import run_files
 
 # summary.json's columns (run_files.SUMMARY_COLUMNS), with `status` the launcher's view of the run
@@ -27,7 +27,15 @@ def results_frame(root: Path, include_unfinished: bool = False) -> pd.DataFrame:
     record = read_sweep_json(root)
     rows = []
     for s in status.sweep_statuses(root, record):
-        summary = run_files.read_json(root / s.run_id / run_files.SUMMARY)
+        path = root / s.run_id / run_files.SUMMARY
+        try:
+            summary = run_files.load_json(path)
+        except FileNotFoundError:
+            summary = None
+        except run_files.RunFileError as e:  # a finished run must not drop out of the results
+            raise SweepError(f"{e} Restore it or move it away, then collect again.") from e
+        if summary is not None and not isinstance(summary, dict):
+            raise SweepError(f"{path}: not a JSON object; the file is damaged.")
         if summary is None and not include_unfinished:
             continue
         row = dict(summary or {"error": s.error})

@@ -249,3 +249,18 @@ def test_stop_kills_stubborn_trainers_and_keeps_finished_results(tmp_path, monke
     assert b["outcome"] == state.DONE and b["error"] is None
     assert state.run_status(tmp_path / "a").status == state.PENDING  # resumable, not failed
     assert state.run_status(tmp_path / "a").failures == 0
+
+
+def test_collect_refuses_a_damaged_summary_instead_of_dropping_the_run(tmp_path):
+    from launch import collect
+
+    root = _crafted_root(tmp_path, [_run("a"), _run("b")])
+    for run_id in ("a", "b"):
+        (root / run_id).mkdir()
+        run_files.write_json_atomic(root / run_id / "summary.json", {"eval_loss": 1.0})
+    assert collect.collect(root)["run_id"].tolist() == ["a", "b"]
+    before = (root / "results.csv").read_bytes()
+    (root / "b" / "summary.json").write_text('{"eval_loss": 1.')  # torn
+    with pytest.raises(SweepError, match=r"b/summary.json: not valid JSON .* damaged"):
+        collect.collect(root)
+    assert (root / "results.csv").read_bytes() == before  # the last good table is kept
