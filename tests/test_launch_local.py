@@ -158,7 +158,7 @@ def test_sweep_survives_kill_reports_failure_and_collects(tmp_path):
     csv = pd.read_csv(root / "results.csv")
     parquet = pd.read_parquet(root / "results.parquet")
     assert sorted(csv["run_id"]) == sorted([*ok, long]) == sorted(parquet["run_id"])
-    assert list(csv.columns[:3]) == ["run_id", "experiment", "model"]
+    assert list(csv.columns[:4]) == list(run_files.SUMMARY_COLUMNS[:4])  # the contract order
     by_id = csv.set_index("run_id")
     for run_id in [*ok, long]:
         summary = run_files.read_json(root / run_id / "summary.json")
