@@ -14,6 +14,7 @@ import scipy.optimize
 
 from analysis.fit import FitResult, sparse_law
 from analysis.gap import Tolerance
+from analysis.load import SIZE
 
 _KEYS = ("task", "n_params_total", "tokens")
 
@@ -112,41 +113,33 @@ def optimal_sparsity(params: dict, n_nonzero, compute, *, s_max: float = 0.999) 
 
 
 def structure_penalty(df: pd.DataFrame) -> pd.DataFrame:
-    """Loss of N:M / block runs minus unstructured runs of the same size, tokens and sparsity.
+    """Loss of N:M / block runs minus the unstructured run of the same model, tokens, sparsity
+    and seed (paired), averaged over seeds; one row per (size, sparsity, structure, group).
 
     `group_size` is m for N:M (the "freedom": choose n of m) and the block size for blocks.
     """
-    keys = [*_KEYS, "sparsity"]
-    base = (
-        df[df["structure"] == "unstructured"]
-        .groupby(keys)["eval_loss"]
-        .mean()
-        .rename("unstructured_loss")
-        .reset_index()
-    )
+    keys = [*_KEYS, SIZE, "sparsity"]
+    cols = [*keys, "structure", "group_size", "loss", "unstructured_loss", "penalty"]
+    base = df[df["structure"] == "unstructured"].groupby([*keys, "seed"])["eval_loss"].mean()
     structured = df[df["structure"].isin(["nm", "block"])].copy()
     if structured.empty:
-        return pd.DataFrame(
-            columns=[
-                *keys,
-                "structure",
-                "group_size",
-                "loss",
-                "unstructured_loss",
-                "penalty",
-                "relative_penalty",
-            ]
-        )
+        return pd.DataFrame(columns=[*cols, "relative_penalty", "n_seeds"])
     structured["group_size"] = np.where(
         structured["structure"] == "nm", structured["nm_m"], structured["block_size"]
     ).astype(float)
-    cells = (
-        structured.groupby([*keys, "structure", "group_size"])["eval_loss"]
-        .mean()
-        .rename("loss")
+    pairs = structured.merge(
+        base.rename("unstructured_loss").reset_index(), on=[*keys, "seed"], how="inner"
+    ).rename(columns={"eval_loss": "loss"})
+    pairs["penalty"] = pairs["loss"] - pairs["unstructured_loss"]
+    out = (
+        pairs.groupby([*keys, "structure", "group_size"])
+        .agg(
+            loss=("loss", "mean"),
+            unstructured_loss=("unstructured_loss", "mean"),
+            penalty=("penalty", "mean"),
+            n_seeds=("seed", "nunique"),
+        )
         .reset_index()
     )
-    out = cells.merge(base, on=keys, how="inner")
-    out["penalty"] = out["loss"] - out["unstructured_loss"]
     out["relative_penalty"] = out["penalty"] / out["unstructured_loss"]
     return out.sort_values(["structure", *keys, "group_size"]).reset_index(drop=True)

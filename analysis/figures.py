@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 
 from analysis import derived, gap  # noqa: E402
 from analysis.fit import FitResult, moe_law, sparse_law  # noqa: E402
-from analysis.load import N_FIT, SIZE  # noqa: E402
+from analysis.load import ACTIVE, N_FIT, SIZE  # noqa: E402
 
 plt.rcParams.update({"figure.dpi": 110, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3})
 
@@ -33,14 +33,6 @@ def save(fig: plt.Figure, path: str | Path | None) -> plt.Figure:
     return fig
 
 
-def _readable_log_axes(ax) -> None:
-    """Log axes over less than a decade: plain-number tick labels, no crowded minor labels."""
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    if ax.get_yscale() == "log":
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
-
-
 def _short(v: float) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(v) >= div:
@@ -49,11 +41,13 @@ def _short(v: float) -> str:
 
 
 def size_axis(ax, axis: str = "x") -> None:
-    """Log size axis with ticks at 1, 2, 5 × 10^k labelled 10K, 20K, ... (readable over any
-    range of more than a factor of ~2.5)."""
+    """Log size axis labelled 10K, 20K, ...: ticks at 1, 2, 5 × 10^k over up to ~2 decades,
+    at 10^k beyond. Call after plotting (it reads the axis range)."""
     target = ax.xaxis if axis == "x" else ax.yaxis
     (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
-    target.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    subs = (1.0, 2.0, 5.0) if np.log10(hi / lo) <= 2.2 else (1.0,)  # ≤ ~8 labels either way
+    target.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
     target.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _short(v)))
     target.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
@@ -76,8 +70,9 @@ def _tokens_model(df: pd.DataFrame):
 
 def _regime_panels(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame, object]]:
     """One panel per training-budget regime (`gap.regimes`), each with its N→D relation."""
+    titles = {k: v["title"] for k, v in gap.describe_regimes(df).items()}
     df = df.assign(regime=gap.regimes(df))
-    return [(str(r), sub, _tokens_model(sub)) for r, sub in df.groupby("regime")]
+    return [(titles[str(r)], sub, _tokens_model(sub)) for r, sub in df.groupby("regime")]
 
 
 def plot_loss_vs_params(df: pd.DataFrame, fit: FitResult | None = None, path=None) -> plt.Figure:
@@ -100,9 +95,10 @@ def plot_loss_vs_params(df: pd.DataFrame, fit: FitResult | None = None, path=Non
                 n = np.geomspace(pts[N_FIT].min() / 1.3, pts[N_FIT].max() * 1.3, 100)
                 d = tokens_of(n / (1 - s * f))
                 ax.plot(n, sparse_law(fit.params, s, n, d), color=color, lw=1.4)
-        ax.set(yscale="log", xlabel="non-zero non-embedding parameters N", title=title)
+        ax.set(xscale="log", xlabel="non-zero non-embedding parameters N", title=title)
+        ax.title.set_fontsize(9)
         size_axis(ax)
-        _readable_log_axes(ax)
+        _value_axis(ax)
     axes[0, 0].set_ylabel("eval loss")
     axes[0, -1].legend(fontsize=8, title="sparsity" + (" (lines: fit)" if fit else ""))
     fig.tight_layout()
@@ -121,7 +117,9 @@ def _panel_title(task: str, regime: str, subtitles: dict | None, n_tasks: int) -
 def _value_axis(ax) -> None:
     """Log value axis with plain labels at 1, 2, 5 × 10^k."""
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    lo, hi = ax.get_ylim()
+    subs = np.arange(1.0, 10.0) if hi / lo < 8 else (1.0, 2.0, 5.0)  # short ranges: 1..9 × 10^k
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
@@ -244,12 +242,12 @@ def plot_structure_penalty(df: pd.DataFrame, path=None) -> plt.Figure:
             "no N:M or block runs with an unstructured partner of equal size, tokens and sparsity"
         )
     fig, axes = plt.subplots(1, len(structures), figsize=(5 * len(structures), 3.8), squeeze=False)
-    sizes = sorted(pen["n_params_total"].unique())
+    sizes = sorted(pen[SIZE].unique())
     cmap = plt.get_cmap("plasma")
     for ax, structure in zip(axes[0], structures, strict=True):
         sub = pen[pen["structure"] == structure]
         for i, n in enumerate(sizes):
-            at_n = sub[sub["n_params_total"] == n]
+            at_n = sub[sub[SIZE] == n]
             # Mean over token budgets: one line per (size, sparsity).
             for s, pts in at_n.groupby("sparsity"):
                 pts = pts.groupby("group_size", as_index=False)["penalty"].mean()
@@ -258,14 +256,15 @@ def plot_structure_penalty(df: pd.DataFrame, path=None) -> plt.Figure:
                     pts["penalty"],
                     "o-",
                     color=cmap(i / max(len(sizes), 1) * 0.85),
-                    label=f"N={n:.3g}, S={s:g}",
+                    label=f"N={_short(n)}, S={s:g}",
                 )
         ax.axhline(0, color="k", lw=0.8)
         ax.set(
             xscale="log",
             xlabel="m (N:M)" if structure == "nm" else "block size",
             ylabel="L − L_unstructured (nats)",
-            title=f"{structure} penalty",
+            title=f"{structure} penalty (D = {_tokens_text(df)} tokens, "
+            f"{df['seed'].nunique()} seed(s), paired)",
         )
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -275,17 +274,17 @@ def plot_structure_penalty(df: pd.DataFrame, path=None) -> plt.Figure:
 
 
 def plot_moe(df: pd.DataFrame, fit: FitResult | None = None, path=None) -> plt.Figure:
-    """MoE loss vs active and vs total params, per expert count (filled: top-2 or more, open:
-    top-1), dense runs (black squares) for reference, with the Clark et al. fit."""
+    """MoE loss vs active and vs total non-embedding params, per expert count (filled: top-2 or
+    more, open: top-1), dense runs (black squares) for reference, with the Clark et al. fit."""
     moe = df[df["structure"] == "moe"]
     if moe.empty:
         raise ValueError("no rows with structure == 'moe'")
     dense = df[df["structure"] == "dense"]
     experts = sorted(moe["num_experts"].unique())
     cmap = plt.get_cmap("viridis")
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.9), sharey=True)
     if len(dense):
-        for ax, col in zip(axes, ("n_params_active", "n_params_total"), strict=True):
+        for ax, col in zip(axes, (ACTIVE, SIZE), strict=True):
             ax.scatter(
                 dense[col],
                 dense["eval_loss"],
@@ -293,43 +292,46 @@ def plot_moe(df: pd.DataFrame, fit: FitResult | None = None, path=None) -> plt.F
                 marker="s",
                 s=26,
                 zorder=4,
-                label="dense" if col == "n_params_active" else None,
+                label="dense" if col == ACTIVE else None,
             )
     for i, e in enumerate(experts):
-        pts = moe[moe["num_experts"] == e].sort_values("n_params_active")
+        pts = moe[moe["num_experts"] == e].sort_values(ACTIVE)
         color = cmap(i / max(len(experts) - 1, 1) * 0.9)
         for k in sorted(pts["top_k"].unique()):
             sub = pts[pts["top_k"] == k]
             face = color if k > 1 else "none"
-            axes[0].scatter(
-                sub["n_params_active"],
-                sub["eval_loss"],
-                facecolors=face,
-                edgecolors=color,
-                s=26,
-                label=f"E={e}, k={k}",
-                zorder=3,
-            )
-            axes[1].scatter(
-                sub["n_params_total"],
-                sub["eval_loss"],
-                facecolors=face,
-                edgecolors=color,
-                s=26,
-                zorder=3,
-            )
+            for ax, col in zip(axes, (ACTIVE, SIZE), strict=True):
+                ax.scatter(
+                    sub[col],
+                    sub["eval_loss"],
+                    facecolors=face,
+                    edgecolors=color,
+                    s=26,
+                    label=f"E={e}, k={k}" if col == ACTIVE else None,
+                    zorder=3,
+                )
         if fit is not None:
-            n = np.geomspace(pts["n_params_active"].min() / 1.5, pts["n_params_active"].max() * 1.5)
+            n = np.geomspace(pts[ACTIVE].min() / 1.5, pts[ACTIVE].max() * 1.5)
             axes[0].plot(n, moe_law(fit.params, n, e, fit.config.n_scale), color=color)
+    seeds = df["seed"].nunique()
     axes[0].set(
-        xscale="log", yscale="log", xlabel="active parameters per token", ylabel="eval loss"
+        xlabel="active non-embedding parameters per token",
+        ylabel="eval loss",
+        title=f"D = {_tokens_text(df)} tokens, {seeds} seed{'s' if seeds > 1 else ''}",
     )
-    axes[1].set(xscale="log", yscale="log", xlabel="total parameters")
+    axes[1].set(xlabel="total non-embedding parameters")
     for ax in axes:
-        _readable_log_axes(ax)
-    axes[0].legend(fontsize=8, title="experts" + (" (lines: Clark fit)" if fit else ""))
+        size_axis(ax)
+        _value_axis(ax)
+        ax.title.set_fontsize(9)
+    axes[0].legend(fontsize=7, title="experts" + (" (lines: Clark fit)" if fit else ""))
     fig.tight_layout()
     return save(fig, path)
+
+
+def _tokens_text(df: pd.DataFrame) -> str:
+    d = df["tokens"]
+    return f"{d.min():.3g}" + (f"–{d.max():.3g}" if d.nunique() > 1 else "")
 
 
 def plot_residuals(df: pd.DataFrame, fit: FitResult, path=None) -> plt.Figure:
@@ -354,7 +356,7 @@ def plot_residuals(df: pd.DataFrame, fit: FitResult, path=None) -> plt.Figure:
 
 
 def plot_optimal_sparsity(
-    fit: FitResult, n_nonzero, compute, path=None, s_max: float = 0.999
+    fit: FitResult, n_nonzero, compute, path=None, s_max: float = 0.999, title: str = ""
 ) -> plt.Figure:
     """Frantar's contour: optimal sparsity for non-zero size N and compute C = 6ND/(1−S)."""
     n_grid, c_grid = np.meshgrid(np.asarray(n_nonzero, float), np.asarray(compute, float))
@@ -368,8 +370,9 @@ def plot_optimal_sparsity(
         yscale="log",
         xlabel="non-zero non-embedding parameters N",
         ylabel="training compute C = 6ND/(1−S)",
-        title="Compute-optimal sparsity (fit)",
+        title="Compute-optimal sparsity (fit)" + (f"\n{title}" if title else ""),
     )
+    ax.title.set_fontsize(9)
     size_axis(ax)
     fig.tight_layout()
     return save(fig, path)

@@ -4,8 +4,8 @@ Laws (N = non-zero non-embedding params, `load.N_FIT`; D = tokens; S = sparsity;
   sparse      L = (a_S (1-S)^b_S + c_S) (1/N)^b_N + (a_D/D)^b_D + c    (Frantar et al. 2024)
   chinchilla  L = E + A/N^alpha + B/D^beta                            (Hoffmann et al. 2022)
   dense_n     L = E + A/N^alpha                                       (fixed D)
-  moe         log L = a log N + b log E + c log N log E + d           (Clark et al. 2022; N in
-                                                                       units of `n_scale`)
+  moe         log L = a log N + b log E + c log N log E + d           (Clark et al. 2022; N =
+                                                    active non-embedding params in `n_scale` units)
 Internally N and D are divided by `FitConfig.n_scale` / `d_scale`, positive amplitudes are
 optimised as logs and exponents directly (bounded to [0, 5]); `params` always reports the law in
 the raw units above so that published coefficients can be compared directly.
@@ -27,7 +27,7 @@ import pandas as pd
 import scipy.optimize
 import scipy.special
 
-from analysis.load import N_FIT
+from analysis.load import ACTIVE, N_FIT
 
 try:  # BLAS threads make each tiny L-BFGS-B step ~15x slower on a busy machine
     from threadpoolctl import threadpool_limits as _threadpool_limits
@@ -324,7 +324,7 @@ _SPECS = {
         ("a", "b", "c", "d"),
         ("a", "b", "c", "d"),
         ("a", "b", "c", "d"),
-        ("n_params_active", "num_experts"),
+        (ACTIVE, "num_experts"),
         _moe_model,
         lambda theta, cfg: dict(zip("abcd", map(float, theta), strict=True)),
         lambda p, cfg: np.array([p[k] for k in "abcd"]),
@@ -348,7 +348,7 @@ def _features(law: str, df: pd.DataFrame, cfg: FitConfig) -> tuple[np.ndarray, .
     cols = []
     for name in spec.columns:
         col = df[name].to_numpy(float)
-        if name in (N_FIT, "n_params_active"):
+        if name in (N_FIT, ACTIVE):
             col = col / cfg.n_scale
         elif name == "tokens":
             col = col / cfg.d_scale
@@ -457,11 +457,6 @@ class FitResult:
         return not self.issues
 
     @property
-    def usable(self) -> bool:
-        """Identified and no parameter on a bound: derived tables may be built on it."""
-        return self.identified and not self.on_bound
-
-    @property
     def rms_log_residual(self) -> float:
         return float(np.sqrt(np.mean(self.residuals**2)))
 
@@ -492,7 +487,7 @@ def predict(law: str, params: dict, df: pd.DataFrame, config: FitConfig = FitCon
     if law == "dense_n":
         return dense_n_law(params, df[N_FIT])
     if law == "moe":
-        return moe_law(params, df["n_params_active"], df["num_experts"], config.n_scale)
+        return moe_law(params, df[ACTIVE], df["num_experts"], config.n_scale)
     raise ValueError(f"unknown law {law!r}; expected one of {LAWS}")
 
 
@@ -532,12 +527,21 @@ def identification_issues(law: str, df: pd.DataFrame) -> tuple[str, ...]:
     return tuple(issues)
 
 
+_NEGLIGIBLE_LOG = -15.0  # a log-amplitude this low is a term driven to 0: its lower bound
+
+
 def _on_bound(spec: _Spec, theta: np.ndarray) -> tuple[str, ...]:
+    """Raw parameters whose internal value sits on an optimisation bound: an exponent at 0 or
+    5, or an amplitude driven to ~0 (log below -15 in fit units), i.e. the term dropped out."""
     names = []
     for name, value, (lo, hi) in zip(spec.theta_params, theta, spec.bounds, strict=True):
         if lo is None:
             continue
-        if min(abs(value - lo), abs(value - hi)) <= 1e-6 * (hi - lo):
+        if (lo, hi) == _LOG_BOUNDS:
+            hit = value <= _NEGLIGIBLE_LOG or value >= hi - 1e-6
+        else:
+            hit = min(value - lo, hi - value) <= 1e-4 * (hi - lo)
+        if hit:
             names.append(name)
     return tuple(names)
 

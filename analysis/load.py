@@ -48,6 +48,7 @@ REQUIRED = ("n_params_nonzero", "tokens", "eval_loss")
 SIZE = "n_nonembedding"  # the model's non-embedding parameters (dense count; total when unknown)
 N_FIT = "n_nonzero_nonembedding"  # non-zero non-embedding parameters: N of every law fit
 PRUNABLE_FRACTION = "prunable_fraction"  # prunable / non-embedding parameters of the model
+ACTIVE = "n_active_nonembedding"  # non-embedding parameters used per token (MoE: routed experts)
 STRUCTURES = ("dense", "unstructured", "nm", "block", "moe")
 _TABLE_NAMES = ("results.parquet", "results.csv")
 PUBLISHED_DIR = Path(__file__).resolve().parent / "published"  # package data (SOURCES.md)
@@ -182,7 +183,7 @@ def tidy(frame: pd.DataFrame, *, origin: str = "<DataFrame>") -> pd.DataFrame:
 
 
 def _add_parameter_counts(df: pd.DataFrame) -> None:
-    """SIZE, N_FIT and PRUNABLE_FRACTION from the counts a run reports (in place).
+    """SIZE, N_FIT, ACTIVE and PRUNABLE_FRACTION from the counts a run reports (in place).
 
     Pruned parameters = total − non-zero; they all lie outside the embeddings, so the non-zero
     non-embedding count is non-embedding − pruned. Without a non-embedding count (published
@@ -194,6 +195,8 @@ def _add_parameter_counts(df: pd.DataFrame) -> None:
     nonzero = df["n_params_nonzero"].astype(float)
     df[SIZE] = np.where(known, nonemb, total)
     df[N_FIT] = np.where(known, nonemb - (total - nonzero), nonzero)
+    active = df["n_params_active"].astype(float)
+    df[ACTIVE] = np.where(known, active - (total - nonemb), active)
     prunable = pd.to_numeric(df["n_params_prunable"], errors="coerce").astype(float)
     df[PRUNABLE_FRACTION] = (prunable / df[SIZE]).where(prunable.notna(), 1.0).clip(0, 1)
 

@@ -13,17 +13,18 @@ report.json keys (every number of report.md is in it; NaN is written as null):
   tolerance        [{task, regime, n_nonembedding, tokens, tolerance, limit, s_star, status, lo,
                      hi, s_min, s_max, n_seeds}]  status: bracketed | below | above (censored)
   fits             {name: {law, params, ci {p: [lo, hi]}, on_bound [p], identified, issues [str],
-                     usable, objective, rms_log_residual, n_points, n_boot}}
+                     objective, rms_log_residual, n_points, n_boot}}
                    names: sparse, sparse_holdout (fit without the largest size), chinchilla,
                    dense_n
   extrapolation    {held_out_size, n_held_out, mean_abs_relative_error, coverage,
                     rows [{run_id, sparsity, tokens, eval_loss, predicted, predicted_lo,
                     predicted_hi, relative_error}]}
-  fit_tolerance    [{size, tokens, s_star, status, lo, hi, extrapolated}]  (usable fits only)
-  effective_param_multiplier  [{sparsity, multiplier}]  (usable fits only)
-  optimal_sparsity [{n_nonzero, compute, sparsity, tokens, loss}]  (usable fits only)
-  structure_penalty [{structure, group_size, n_params_total, sparsity, loss, unstructured_loss,
-                     penalty, relative_penalty}]
+  fit_tolerance    [{size, tokens, tolerance, s_star, status, lo, hi, extrapolated}]
+  effective_param_multiplier  [{sparsity, multiplier}]
+  optimal_sparsity [{n_nonzero, compute, sparsity, tokens, loss}]
+                   (the last three only for an identified sparse-law fit)
+  structure_penalty [{structure, group_size, n_nonembedding, sparsity, loss, unstructured_loss,
+                     penalty, relative_penalty, n_seeds}]  paired within seeds
   moe              {fit, ...}  (as in fits)
   skipped          [str]  what was not drawn or fitted, and why
 """
@@ -100,7 +101,6 @@ def fit_record(fit: FitResult) -> dict:
         "on_bound": list(fit.on_bound),
         "identified": fit.identified,
         "issues": list(fit.issues),
-        "usable": fit.usable,
         "objective": fit.objective,
         "rms_log_residual": fit.rms_log_residual,
         "n_points": fit.n_points,
@@ -140,7 +140,7 @@ class Report:
 
     def fit_section(self, heading: str, formula: str, fit: FitResult) -> bool:
         """Writes a fit; 'not identified' instead of coefficients when it is not. Returns
-        whether derived tables may be built on it."""
+        whether derived tables may be built on it (identified fits only)."""
         c = fit.config
         self.add(f"## {heading}", formula)
         self.add(
@@ -155,10 +155,10 @@ class Report:
         self.add(coefficient_table(fit))
         if fit.on_bound:
             self.add(
-                f"Parameters on an optimisation bound (not estimates): {', '.join(fit.on_bound)}; "
-                "tables derived from this fit are not shown."
+                f"**On a bound** (the data do not determine them; not estimates): "
+                f"{', '.join(fit.on_bound)}. Tables derived from this fit carry that caveat."
             )
-        return fit.usable
+        return fit.identified
 
 
 def build_report(
@@ -183,6 +183,8 @@ def build_report(
         tolerances = (tol, *tolerances)
     rep = Report(Path(out_dir), fit_config, tuple(tolerances), n_boot_runs)
     (rep.out / "figures").mkdir(parents=True, exist_ok=True)
+    for stale in [*(rep.out / "figures").glob("*.png"), *(rep.out / "figures").glob("*.pdf")]:
+        stale.unlink()  # a figure the data no longer support must not survive a rerun
     header_section(rep, df, title)
     gap_sections(rep, df)
     sparse_law_section(rep, df)
@@ -192,10 +194,15 @@ def build_report(
     if rep.skipped:
         rep.add("## Not drawn / not fitted", "\n".join(f"- {s}" for s in rep.skipped))
     rep.data["skipped"] = rep.skipped
-    (rep.out / "report.json").write_text(json.dumps(_jsonable(rep.data), indent=1) + "\n")
+    (rep.out / "report.json").write_text(to_json(rep.data))
     path = rep.out / "report.md"
     path.write_text("\n".join(rep.lines))
     return path
+
+
+def to_json(data: dict) -> str:
+    """`data` as JSON text: numpy scalars as numbers, NaN and inf as null."""
+    return json.dumps(_jsonable(data), indent=1) + "\n"
 
 
 def _jsonable(x):
@@ -355,18 +362,28 @@ def sparse_law_section(rep: Report, df: pd.DataFrame) -> None:
         fit,
     )
     error = extrapolation_section(rep, runs)
-    rep.figure(
-        "loss_vs_params",
-        "Loss vs non-zero non-embedding parameters with the fitted law",
-        figures.plot_loss_vs_params,
-        runs,
-        fit if fit.identified else None,
-    )
-    rep.figure("residuals", "Residuals of the sparse-law fit", figures.plot_residuals, runs, fit)
+    if fit.identified:
+        rep.figure(
+            "loss_vs_params",
+            "Loss vs non-zero non-embedding parameters with the fitted law",
+            figures.plot_loss_vs_params,
+            runs,
+            fit,
+        )
+        rep.figure(
+            "residuals", "Residuals of the sparse-law fit", figures.plot_residuals, runs, fit
+        )
+    else:
+        rep.figure(
+            "loss_vs_params",
+            "Loss vs non-zero non-embedding parameters (no fitted law: not identified)",
+            figures.plot_loss_vs_params,
+            runs,
+        )
     if not usable:
         rep.skipped.append(
             "effective-parameter multiplier, S* from the fit and compute-optimal sparsity: the "
-            "sparse-law fit is not identified or has parameters on bounds"
+            "sparse-law fit is not identified"
         )
         return
     fit_derived_sections(rep, runs, fit, error)
@@ -417,7 +434,11 @@ def extrapolation_section(rep: Report, runs: pd.DataFrame) -> float:
 
 def fit_derived_sections(rep: Report, runs: pd.DataFrame, fit: FitResult, error: float) -> None:
     """Multiplier, S* from the fit (measured sizes, then up to MAX_EXTRAPOLATION× the largest,
-    marked) and compute-optimal sparsity; only for usable fits."""
+    marked) and compute-optimal sparsity; only for identified fits."""
+    if fit.on_bound:
+        rep.add(
+            f"Caveat for the tables below: {', '.join(fit.on_bound)} of the fit sit on a bound."
+        )
     mult = pd.DataFrame({"sparsity": SPARSITY_LEVELS})
     mult["multiplier"] = derived.effective_param_multiplier(fit.params, mult["sparsity"])
     rep.data["effective_param_multiplier"] = records(mult)
@@ -465,7 +486,9 @@ def fit_derived_sections(rep: Report, runs: pd.DataFrame, fit: FitResult, error:
         "### Tolerated sparsity S*(N) from the fit",
         f"Within the tested sparsities ({levels[0]:g}–{levels[-1]:g}; censored outside), each size "
         f"with its own prunable fraction; sizes beyond the largest measured one only up to "
-        f"{MAX_EXTRAPOLATION:g}×, marked.",
+        f"{MAX_EXTRAPOLATION:g}×, marked. The law makes ΔL almost independent of D and uses one "
+        "g(S) for every size; where the measured gaps depend on D or size (tables above), "
+        "the S* from runs is the one the data support.",
     )
     rep.add(markdown_table(wide[list(dict.fromkeys(table["tolerance"]))].reset_index()))
 
@@ -488,6 +511,8 @@ def fit_derived_sections(rep: Report, runs: pd.DataFrame, fit: FitResult, error:
         fit,
         np.geomspace(n_opt.min() / 2, n_opt.max() * MAX_EXTRAPOLATION, 20),
         np.geomspace(compute.min() / 2, compute.max() * MAX_EXTRAPOLATION, 20),
+        title=f"fit on {', '.join(sorted(set(gap.regimes(runs))))}"
+        + (f"; on bound: {', '.join(fit.on_bound)}" if fit.on_bound else ""),
     )
 
 
@@ -518,10 +543,14 @@ def structure_section(rep: Report, df: pd.DataFrame) -> None:
     if not len(pen):
         rep.skipped.append("structure penalty: no N:M / block runs with unstructured partners")
         return
-    cols = ["structure", "group_size", "n_params_total", "sparsity", "loss", "unstructured_loss"]
-    cols += ["penalty", "relative_penalty"]
+    cols = ["structure", "group_size", SIZE, "sparsity", "loss", "unstructured_loss"]
+    cols += ["penalty", "relative_penalty", "n_seeds"]
     rep.data["structure_penalty"] = records(pen[cols])
-    rep.add("## Structure penalty (vs unstructured at equal sparsity, mean over seeds)")
+    rep.add(
+        "## Structure penalty (vs unstructured at equal sparsity)",
+        "Loss minus the unstructured run of the same model, tokens, sparsity and seed; mean over "
+        "seeds.",
+    )
     rep.add(markdown_table(pen[cols]))
     rep.figure(
         "structure_penalty", "Structure penalty vs group size", figures.plot_structure_penalty, df

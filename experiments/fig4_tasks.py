@@ -76,9 +76,7 @@ def get_sweep(arg: str = "quick"):
 
 
 def analyze(results, out_dir):
-    import pandas as pd
-
-    from analysis import derived, figures
+    from analysis import figures, gap
     from analysis import report as report_lib
 
     tasks = sorted(set(results.get("task", [])))
@@ -88,22 +86,31 @@ def analyze(results, out_dir):
     }
     if len(tasks) > 1:
         figures.plot_task_gaps(results, out_dir / "task_gaps")
-        gaps = [derived.raw_loss_gap(results[results["task"] == t]).assign(task=t) for t in tasks]
-        table = pd.concat(gaps)[
-            ["task", "n_params_total", "tokens", "sparsity", "dense_loss", "gap"]
-        ]
+        cells = gap.gap_cells(gap.paired_gaps(results))
+        scaling = gap.gap_scaling(cells)
+        gap_cols = ["task", "n_nonembedding", "tokens", "sparsity", "dense_loss", "gap", "lo", "hi"]
+        beta_cols = ["task", "sparsity", "beta", "lo", "hi", "verdict", "n_sizes"]
+        seeds = int(cells["n_seeds"].max())
         lines = [
             "# Figure 4: the loss gap per task",
             "",
-            "Measured ΔL = L(sparse) − L(dense) at equal size and tokens, per task "
-            f"({', '.join(tasks)}); each task's full report (fits, S*) is linked below.",
+            "Paired ΔL = L(sparse) − L(dense) of the same model, tokens and seed, per task "
+            f"({', '.join(tasks)}); N = non-embedding parameters; at most {seeds} seed(s) per "
+            "cell" + (", so no interval" if seeds == 1 else "") + ". Each task's full report "
+            "(fits, S*) is linked below.",
             "",
-            report_lib._table(table),
+            report_lib.markdown_table(cells[gap_cols]),
+            "",
+            "Gap scaling log ΔL = log g(S) − β(S)·log N per task (95% t-interval over sizes):",
+            "",
+            report_lib.markdown_table(scaling[beta_cols]),
             "",
             "![loss gap per task](task_gaps.png)",
             "",
             *[f"- [{t}]({t}/report.md)" for t in tasks],
         ]
         (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+        data = {"gaps": cells.to_dict("records"), "gap_scaling": scaling.to_dict("records")}
+        (out_dir / "report.json").write_text(report_lib.to_json(data))
         reports["tasks"] = out_dir / "report.md"
     return reports

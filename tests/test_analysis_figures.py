@@ -113,7 +113,7 @@ def test_cli_draws_every_figure_and_report_matches_fit(tmp_path):
     # report.json holds the same numbers as report.md.
     data = json.loads((out / "report.json").read_text())
     assert data["fits"]["sparse"]["params"] == pytest.approx(fit.params)
-    assert data["fits"]["sparse"]["usable"] and "0.05 nats" in data["tolerances"]
+    assert data["fits"]["sparse"]["identified"] and "0.05 nats" in data["tolerances"]
     for row in data["gap_scaling"]:
         assert f"| {report.fmt(row['beta'])} | {report.fmt(row['lo'])} |" in text
     assert data["extrapolation"]["n_held_out"] == (sparse_df["n_params_total"] == 32e6).sum()
