@@ -8,13 +8,15 @@ Needs `pip install "jax[tpu]==<jax version>"` (TPU) and `jax-cuda12-plugin==<v> 
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import os
 from pathlib import Path
 
 import jax
 from jax.experimental import topologies
 
-H100_TARGET_CONFIG = Path(__file__).resolve().parents[3] / "shared/kernels/h100_target_config.txtpb"
+# Shipped as package data beside this module (a GPU target description for deviceless compiles).
+H100_TARGET_CONFIG = "h100_target_config.txtpb"
 # target name → (platform, topology name, kernel backend flavour)
 TARGETS = {
     "tpu_v5e": ("tpu", "v5e:2x2", "tpu"),
@@ -24,8 +26,11 @@ TARGETS = {
 
 
 def h100_target_config_path() -> Path:
-    """The H100 target config: $SPARSESCALE_H100_TARGET_CONFIG, else ../shared/kernels/."""
-    return Path(os.environ.get("SPARSESCALE_H100_TARGET_CONFIG", H100_TARGET_CONFIG))
+    """The H100 target config: $SPARSESCALE_H100_TARGET_CONFIG, else the copy shipped with the
+    package (`sparsescale/kernels/h100_target_config.txtpb`)."""
+    if "SPARSESCALE_H100_TARGET_CONFIG" in os.environ:
+        return Path(os.environ["SPARSESCALE_H100_TARGET_CONFIG"])
+    return Path(str(importlib.resources.files("sparsescale.kernels") / H100_TARGET_CONFIG))
 
 
 @functools.cache

@@ -1,0 +1,62 @@
+"""Data read at run time ships inside the package: the measured tuning data
+(`sparsescale/tuning/*.json`) and the H100 target config, found through importlib.resources and
+present in a built (non-editable) wheel."""
+
+import importlib.resources
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from sparsescale import tuning
+from sparsescale.kernels import aot
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = [
+    "sparsescale/tuning/block_sparse_cpu.json",
+    "sparsescale/tuning/stacking.json",
+    "sparsescale/tuning/threads.json",
+    "sparsescale/kernels/h100_target_config.txtpb",
+]
+
+
+def test_importlib_resources_finds_the_package_data():
+    for name in ("block_sparse_cpu", "stacking", "threads"):
+        measured = tuning.load(name)
+        assert measured and measured.get("cores"), name
+    assert 0 < tuning.break_even_density((64, 64), "cpu") < 1
+    assert tuning.break_even_density((64, 64), "no_such_backend") == tuning.DEFAULT_BREAK_EVEN
+    config = importlib.resources.files("sparsescale.kernels") / "h100_target_config.txtpb"
+    assert config.read_text().strip()
+    assert aot.h100_target_config_path().read_text() == config.read_text()
+
+
+def test_defaults_when_measurements_do_not_apply(caplog):
+    stack, why = tuning.max_stack(10_000, cores=999)
+    assert (stack, "default") == (tuning.DEFAULT_MAX_STACK, why.split()[0])
+    jobs, threads, why = tuning.jobs_threads(cores=999)
+    assert (jobs, threads) == (999, 1) and "one job per core" in why
+    assert "no measurement for 999 cores" in caplog.text
+
+
+@pytest.mark.slow
+def test_built_wheel_contains_the_package_data(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(REPO / "pyproject.toml", src)
+    shutil.copy(REPO / "README.md", src)
+    shutil.copytree(
+        REPO / "sparsescale", src / "sparsescale", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(src)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = tmp_path.glob("sparsescale-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert set(DATA) <= names, sorted(set(DATA) - names)
