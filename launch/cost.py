@@ -25,17 +25,10 @@ CALIBRATION_FILE = "calibration.json"
 
 
 def estimate_cost(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """`sparsescale.accounting.estimate_cost(config)`, with a clear error while it does not exist."""
-    try:
-        from sparsescale.accounting import estimate_cost as trainer_estimate
-    except ImportError:
-        try:  # before the trainer split
-            from sparsescale.train import estimate_cost as trainer_estimate
-        except ImportError as e:
-            raise SweepError(
-                "--dry-run needs sparsescale.accounting.estimate_cost(config) -> dict(tokens, "
-                f"train_flops, n_params_total, n_params_nonzero), which could not be imported: {e}"
-            ) from e
+    """The trainer's own estimate (`sparsescale.accounting.estimate_cost`): tokens, train_flops,
+    n_params_total, n_params_nonzero."""
+    from sparsescale.accounting import estimate_cost as trainer_estimate
+
     return trainer_estimate(config)
 
 

@@ -1,7 +1,7 @@
 """Group a sweep's runs into stacked jobs: one process trains K compatible runs in one compiled
 step (`sparsescale.stack`). Which runs are compatible is the trainer's rule
 (`sparsescale.stacking.stack_groups`); how many to stack comes from `benchmarks/stacking.py`'s
-measurement (`benchmarks/results/stacking.json`), else `DEFAULT_MAX_STACK`.
+measurement (package data read by `sparsescale.tuning.max_stack`), else `DEFAULT_MAX_STACK`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from launch.sweep import Run, Sweep, apply_overrides
-from sparsescale import run_files
+from sparsescale import run_files, tuning
 
-STACKING_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "stacking.json"
-DEFAULT_MAX_STACK = 4
+DEFAULT_MAX_STACK = tuning.DEFAULT_MAX_STACK
 
 
 def resolved_config(sweep: Sweep, run: Run):
@@ -32,17 +31,10 @@ def job_config(sweep: Sweep, run: Run) -> dict:
     return apply_overrides(sweep.configs[i], ids, run.run_id).to_dict()
 
 
-def measured_max_stack(n_params: int, stacking_json: Path = STACKING_JSON) -> tuple[int, str]:
+def measured_max_stack(n_params: int) -> tuple[int, str]:
     """(best runs per process, where it came from) for a model of `n_params` non-embedding
     parameters: the measurement of the nearest measured size on this many cores."""
-    measured = run_files.read_json(stacking_json)
-    cores = len(os.sched_getaffinity(0))
-    if not measured or measured.get("cores") != cores or not measured.get("best"):
-        return DEFAULT_MAX_STACK, f"default ({stacking_json} has no measurement for {cores} cores)"
-    nearest = min(
-        measured["best"], key=lambda b: abs(math.log(b["n_params"]) - math.log(max(n_params, 1)))
-    )
-    return int(nearest["stack"]), f"measured for {nearest['model']} in {stacking_json}"
+    return tuning.max_stack(n_params, len(os.sched_getaffinity(0)))
 
 
 def has_checkpoint(workdir: Path) -> bool:
