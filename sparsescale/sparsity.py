@@ -134,7 +134,7 @@ class Block:
 
     `balanced=True` keeps the same number of blocks in every block-column (the top
     Kb − round(sparsity·Kb) of each column), so a block-sparse kernel has a fixed tile budget per
-    column: what the block execution path (`SparseLinear(impl="xla_block")`) runs at full speed.
+    column: what the block execution path (`SparseLinear(impl="block")`) runs at full speed.
     """
 
     sparsity: float

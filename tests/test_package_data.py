@@ -3,6 +3,7 @@
 present in a built (non-editable) wheel."""
 
 import importlib.resources
+import json
 import shutil
 import subprocess
 import sys
@@ -60,3 +61,12 @@ def test_built_wheel_contains_the_package_data(tmp_path):
     (wheel,) = tmp_path.glob("sparsescale-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert set(DATA) <= names, sorted(set(DATA) - names)
+
+
+def test_write_records_the_machine(tmp_path):
+    out = tuning.write(
+        "threads", {"cores": 2, "best": {"jobs": 2, "threads": 1}}, tmp_path / "t.json"
+    )
+    record = json.loads(out.read_text())
+    assert record["best"] == {"jobs": 2, "threads": 1} and record["measured"]
+    assert {"host", "cpu", "cores", "backend"} <= set(record["measured_on"])
