@@ -6,6 +6,7 @@ the training regime. The command line lives in `python -m analysis` (analysis/__
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -133,7 +134,7 @@ def plot_loss_gap(
         raise ValueError("no paired gaps to draw")
     keys = _panel_keys(cells)
     colors = _sparsity_colors(cells["sparsity"])
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.0 * len(keys), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.0 * len(keys), 5.4), squeeze=False)
     positive = (cells["gap"] > 0).all()
     for ax, (task, regime) in zip(axes[0], keys, strict=True):
         sub = cells[(cells["task"] == task) & (cells["regime"] == regime)]
@@ -168,7 +169,14 @@ def plot_loss_gap(
         if positive:
             _value_axis(ax)
         ax.title.set_fontsize(9)
-        ax.legend(fontsize=7, title="bars: seed interval; lines: fit", title_fontsize=7)
+        ax.legend(
+            fontsize=7,
+            title="bars: 95% seed interval; lines: g(S)·N^−β, β [95% interval]",
+            title_fontsize=7,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+            ncol=2,
+        )
     axes[0, 0].set_ylabel("ΔL = L_sparse − L_dense, same seed (nats)")
     fig.tight_layout()
     return save(fig, path)
@@ -180,7 +188,8 @@ def plot_task_gaps(df: pd.DataFrame, path=None) -> plt.Figure:
     if pairs.empty:
         raise ValueError("no sparse run has a dense partner of the same seed")
     cells = gap.gap_cells(pairs)
-    return plot_loss_gap(cells, gap.gap_scaling(cells), path)
+    titles = {k: v["title"] for k, v in gap.describe_regimes(df).items()}
+    return plot_loss_gap(cells, gap.gap_scaling(cells), path, subtitles=titles)
 
 
 _TOL_MARKERS = ("o", "s", "D", "P", "X", "*")
@@ -194,7 +203,7 @@ def plot_tolerance(table: pd.DataFrame, path=None, subtitles=None) -> plt.Figure
     keys = _panel_keys(table)
     tols = list(dict.fromkeys(table["tolerance"]))
     fig, axes = plt.subplots(
-        1, len(keys), figsize=(5.0 * len(keys), 4.2), squeeze=False, sharey=True
+        1, len(keys), figsize=(5.0 * len(keys), 5.4), squeeze=False, sharey=True
     )
     spread = np.linspace(-0.06, 0.06, len(tols))  # small x offsets (in log10) so markers stay apart
     for ax, (task, regime) in zip(axes[0], keys, strict=True):
@@ -228,7 +237,15 @@ def plot_tolerance(table: pd.DataFrame, path=None, subtitles=None) -> plt.Figure
         size_axis(ax)
         ax.title.set_fontsize(9)
     axes[0, 0].set_ylabel("tolerated sparsity S*")
-    axes[0, -1].legend(fontsize=7, title="▼: S* < lowest tested S, ▲: > highest", title_fontsize=7)
+    for ax in axes[0]:
+        ax.legend(
+            fontsize=7,
+            title="▼: S* below the lowest tested S, ▲: above the highest; bars: seed bootstrap",
+            title_fontsize=7,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+            ncol=2,
+        )
     fig.tight_layout()
     return save(fig, path)
 
@@ -263,8 +280,8 @@ def plot_structure_penalty(df: pd.DataFrame, path=None) -> plt.Figure:
             xscale="log",
             xlabel="m (N:M)" if structure == "nm" else "block size",
             ylabel="L − L_unstructured (nats)",
-            title=f"{structure} penalty (D = {_tokens_text(df)} tokens, "
-            f"{df['seed'].nunique()} seed(s), paired)",
+            title=f"{structure} penalty, paired within seeds\n"
+            f"D = {_tokens_text(df)} tokens, {df['seed'].nunique()} seed(s)",
         )
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -410,7 +427,7 @@ def plot_extrapolation(held: pd.DataFrame, path=None, title: str = "") -> plt.Fi
         ylim=lims,
         xlabel="measured eval loss (nats/byte)",
         ylabel="predicted by the fit on smaller sizes",
-        title="Extrapolation to the largest size" + (f"\n{title}" if title else ""),
+        title="\n".join(["Extrapolation to the largest size", *textwrap.wrap(title, 60)]),
     )
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)

@@ -242,7 +242,8 @@ def describe_regimes(df: pd.DataFrame) -> dict[str, dict]:
             else ""
         )
         out[str(regime)] = {
-            "title": f"{regime}: {d_text} tokens\n{tpp.min():.2g}–{tpp.max():.2g} tokens/param, "
+            "title": ("" if str(regime).startswith("D = ") else f"{regime}: ")
+            + f"{d_text} tokens\n{tpp.min():.2g}–{tpp.max():.2g} tokens/param, "
             f"{short_seeds}",
             "description": f"{regime}: {d_text} tokens, {tpp.min():.3g}–{tpp.max():.3g} tokens "
             f"per non-embedding parameter, {seed_text}",

@@ -573,7 +573,7 @@ def moe_section(rep: Report, df: pd.DataFrame) -> None:
         scale = fmt(rep.fit_config.n_scale)
         ok = rep.fit_section(
             "MoE law (Clark et al. 2022)",
-            f"log L = a log(N/{scale}) + b log E + c log(N/{scale}) log E + d, N = active params",
+            f"log L = a log(N/{scale}) + b log E + c log(N/{scale}) log E + d, N = active non-embedding params",
             moe_fit,
         )
         moe_fit = moe_fit if ok else None

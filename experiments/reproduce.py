@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
 import shutil
 import sys
@@ -90,15 +91,19 @@ def write_results_md(figures_dir: Path, path: Path) -> Path:
         "tables next to each report; every number below was computed by `analysis/`, none typed.",
         "",
     ]
-    done = sorted(
-        {r.relative_to(figures_dir).parts[:2] for r in figures_dir.glob("*/*/**/report.md")}
-    )
+    reports = [
+        r
+        for r in sorted(figures_dir.glob("*/*/**/report.md"))
+        if r.relative_to(figures_dir).parts[0] in FIGURES
+    ]
+    done = sorted({r.relative_to(figures_dir).parts[:2] for r in reports})
     lines.append("Reports here: " + ", ".join(f"`{f}` ({p})" for f, p in done) + ".")
     missing = [f for f in FIGURES if f not in {f for f, _ in done}]
     if missing:
         lines.append("Not yet run: " + ", ".join(f"`{f}`" for f in missing) + ".")
     lines.append("")
-    for report in sorted(figures_dir.glob("*/*/**/report.md")):
+    lines += _tolerance_summary(figures_dir)
+    for report in reports:
         rel = report.parent.relative_to(path.parent)
         body = re.sub(r"\]\((?!https?:|#)([^)]+)\)", rf"]({rel}/\1)", report.read_text())
         body = re.sub(r"^#", "##", body, flags=re.MULTILINE)
@@ -107,6 +112,40 @@ def write_results_md(figures_dir: Path, path: Path) -> Path:
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
     return path
+
+
+def _tolerance_summary(figures_dir: Path) -> list[str]:
+    """The answer figure 1 gives, read from its report.json: β(S) per regime (log ΔL = log g(S)
+    − β log N; β > 0 = larger models tolerate more sparsity) with its 95% interval and verdict."""
+    import pandas as pd
+
+    from analysis import report as report_lib
+
+    lines = []
+    for path in sorted(figures_dir.glob("fig1_size/*/both/report.json")):
+        data = json.loads(path.read_text())
+        rows = [
+            {k: r[k] for k in ("regime", "sparsity", "beta", "lo", "hi", "verdict", "n_sizes")}
+            for r in data.get("gap_scaling", [])
+        ]
+        if not rows:
+            continue
+        table = pd.DataFrame(rows).astype({"beta": float, "lo": float, "hi": float})
+        lines += [
+            f"## Does the sparsity penalty shrink with size? (figure 1, {path.parts[-3]})",
+            "",
+            data["convention"],
+            "",
+            "β(S) from log ΔL = log g(S) − β(S)·log N over the sizes of each regime; β > 0 means "
+            "larger models tolerate more sparsity (95% t-interval; verdict yes / no / "
+            "inconclusive). Regimes: "
+            + "; ".join(r["description"] for r in data["regimes"].values())
+            + ".",
+            "",
+            report_lib.markdown_table(table),
+            "",
+        ]
+    return lines
 
 
 if __name__ == "__main__":
