@@ -11,7 +11,10 @@
    masked vs block path vs dense, stepped in alternation; plus the share of the step the pruned
    layers take (their masked fwd+bwd timed alone), which bounds the whole-step gain (Amdahl).
 
-Writes benchmarks/results/block_sparse_<backend>.json. Ratios are measured within one process.
+Writes the package's tuning data `sparsescale/tuning/block_sparse_<backend>.json` (with the machine
+it was measured on; the trainer reads the break-even densities from it through `sparsescale.tuning`)
+and the figure `benchmarks/results/block_sparse_<backend>.png`. Ratios are measured within one
+process.
 """
 
 from __future__ import annotations
@@ -327,6 +330,7 @@ def main():
     import jax
 
     from benchmarks import common
+    from sparsescale import tuning
 
     start = time.time()
     m = 4096
@@ -336,10 +340,9 @@ def main():
     if args.quick:
         shapes, blocks, sparsities = shapes[:2], blocks[1:3], [0.0, 0.5, 0.75]
     repeats = 3 if args.quick else 5
+    name = f"block_sparse_{jax.default_backend()}"
     if args.skip_layers:  # keep the layer rows of the last full run
-        layers_out = json.loads(
-            (common.RESULTS / f"block_sparse_{jax.default_backend()}.json").read_text()
-        )["layers"]
+        layers_out = tuning.load(name)["layers"]
     else:
         layers_out = layer_rows(shapes, blocks, sparsities, repeats)
     cases = [
@@ -356,9 +359,11 @@ def main():
     if args.quick:
         cases = cases[1:2]
     steps = step_rows(cases, 3 if args.quick else 6)
-    path = common.write(
-        "block_sparse",
+    path = tuning.write(
+        name,
         {
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
             "cores": args.cores or os.cpu_count(),
             "quick": args.quick,
             "layers": layers_out,
@@ -367,8 +372,10 @@ def main():
             "wall_s": time.time() - start,
         },
     )
-    plot(json.loads(path.read_text()), path.with_suffix(".png"))
-    print("wrote", path, "and", path.with_suffix(".png"))
+    figure = common.RESULTS / f"{name}.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    plot(json.loads(path.read_text()), figure)
+    print("wrote", path, "and", figure)
 
 
 if __name__ == "__main__":

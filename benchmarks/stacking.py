@@ -4,7 +4,8 @@ For each CPU preset and K, starts `jobs` worker processes at once (one pinned co
 local launcher) that each train K variants (sparsities 0…93.75%, gradual pruning with mask updates
 every 5 steps, the real data pipeline) and report their start-up cost (imports, data, build,
 compile) and steady step time. Throughput is variant-steps per second over all workers; the sweep
-figure adds the start-up cost to `--run-steps`-step runs. Writes `benchmarks/results/stacking.json`;
+figure adds the start-up cost to `--run-steps`-step runs. Writes the package's tuning data
+`sparsescale/tuning/stacking.json` (with the machine it was measured on);
 the launcher (`launch/stacking.py`) stacks as many runs per process as was fastest for the nearest
 measured size.
 
@@ -21,9 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from launch import stacking, state
 from launch.backends import local
-from sparsescale import run_files
+from sparsescale import tuning
 
 SPARSITIES = (0.0, 0.5, 0.75, 0.875, 0.9375)
 
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per worker")
     parser.add_argument("--run-steps", type=int, default=300, help="run length for sweep figures")
     parser.add_argument("--batch-size", type=int, default=8, help="fig1 quick's batch")
-    parser.add_argument("--out", type=Path, default=stacking.STACKING_JSON)
+    parser.add_argument("--out", type=Path, default=tuning.path("stacking"))
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -142,11 +142,10 @@ def main() -> None:
         top = max(trials, key=lambda t: t["sweep_variant_steps_per_s"])
         rows.append({"model": preset, "n_params": n_params, "trials": trials})
         best.append({"model": preset, "n_params": n_params, "stack": top["stack"]})
-    run_files.write_json_atomic(
-        args.out,
+    tuning.write(
+        "stacking",
         {
             "benchmark": "stacking",
-            "measured": state.now_iso(),
             "cores": jobs,
             "jobs": jobs,
             "threads": 1,
@@ -157,6 +156,7 @@ def main() -> None:
             "results": rows,
             "best": best,
         },
+        args.out,
     )
     print(f"wrote {args.out}")
 

@@ -5,7 +5,7 @@ runs including compilation, as a sweep would) through the local backend for ever
 split, `--repeats` times interleaved, and writes the best wall time per split and the fastest split
 to JSON; `python -m launch run` reads it.
 
-  python benchmarks/threads.py [--preset smoke --steps 40 --runs 2] [--out benchmarks/results/threads.json]
+  python benchmarks/threads.py [--preset smoke --steps 40 --runs 2] [--out sparsescale/tuning/threads.json]
 """
 
 from __future__ import annotations
@@ -14,16 +14,14 @@ import argparse
 import io
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from launch import state
 from launch.backends import local
 from launch.sweep import expand
-from sparsescale import run_files
+from sparsescale import run_files, tuning
 
 EXPERIMENT = """
 from experiments import train
@@ -73,7 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--runs", type=int, default=2, help="runs per split (a multiple of cores)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; min is kept")
-    parser.add_argument("--out", type=Path, default=local.THREADS_JSON)
+    parser.add_argument("--out", type=Path, default=tuning.path("threads"))
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     cores = len(local.available_cpus())
@@ -91,8 +89,6 @@ def main() -> None:
     slowest = max(results, key=lambda r: r["wall_s"])
     record = {
         "benchmark": "threads",
-        "measured": state.now_iso(),
-        "host": platform.node(),
         "cores": cores,
         "workload": {"preset": args.preset, "steps": args.steps, "runs": args.runs},
         "repeats": args.repeats,
@@ -102,8 +98,7 @@ def main() -> None:
         "speedup_best_vs_slowest": slowest["wall_s"] / best["wall_s"],
         "note": "whole runs incl. compilation; best of the repeats per split",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    run_files.write_json_atomic(args.out, record)
+    tuning.write("threads", record, args.out)
     print(f"best: {best['jobs']} jobs x {best['threads']} threads -> {args.out}", file=sys.stderr)
 
 
