@@ -189,7 +189,8 @@ def step_rows(cases, num_steps: int) -> list[dict]:
 
     from benchmarks import common
     from benchmarks.train_step import make_config
-    from sparsescale import train
+    from sparsescale import block_phase
+    from sparsescale import step as step_lib
 
     out = []
     for preset, block, sparsity in cases:
@@ -197,18 +198,18 @@ def step_rows(cases, num_steps: int) -> list[dict]:
             "sparsity.structure": "block",
             "sparsity.block": block,
             "sparsity.balanced": True,
-            "sparsity.sparsity": sparsity,
+            "sparsity.target": sparsity,
             "sparsity.schedule.kind": "constant",
         }
         sparse_cfg = make_config(preset, over)
         dense_cfg = make_config(preset, {})
-        masked = train.build(sparse_cfg)
+        masked = step_lib.build(sparse_cfg)
         states = {"masked": masked.init_fn(), "dense": None, "block": None}
-        budgets = train.block_budgets_of(masked, states["masked"])
+        budgets = block_phase.block_budgets_of(masked, states["masked"])
         trainers = {
             "masked": masked,
-            "block": train.build(sparse_cfg, block_budgets=budgets),
-            "dense": train.build(dense_cfg),
+            "block": step_lib.build(sparse_cfg, block_budgets=budgets),
+            "dense": step_lib.build(dense_cfg),
         }
         states["block"] = trainers["block"].init_fn()
         states["dense"] = trainers["dense"].init_fn()
@@ -216,7 +217,7 @@ def step_rows(cases, num_steps: int) -> list[dict]:
         tokens = rng.integers(
             0, 256, (sparse_cfg.data.batch_size, sparse_cfg.data.seq_len + 1), dtype=np.int32
         )
-        batch = train.global_batch(masked, tokens)
+        batch = step_lib.global_batch(masked, tokens)
         times = {name: [] for name in trainers}
         for i in range(num_steps + 2):
             for name, tr in trainers.items():

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsescale.moe import MoE, MoEConfig, moe_flops_per_token, moe_param_counts
+from sparsescale.accounting import moe_layer_counts, moe_layer_flops_per_token
+from sparsescale.moe import MoE, MoEConfig
 
 
 class DenseMlp(nnx.Module):
@@ -118,7 +119,7 @@ def main(argv=None):
             samples[name].append(time_steps(step, params, x, args.iters))
 
     cfg = MoEConfig(num_experts=E, top_k=K)
-    counts = moe_param_counts(cfg, D, F, args.mlp)
+    counts = moe_layer_counts(cfg, D, F, args.mlp)
     results = {
         name: {
             "step_ms_median": 1e3 * statistics.median(samples[name]),
@@ -141,7 +142,7 @@ def main(argv=None):
         "args": vars(args),
         "moe_config": dataclasses.asdict(cfg),
         "moe_params": counts,
-        "moe_flops_per_token": moe_flops_per_token(cfg, D, F, args.mlp),
+        "moe_layer_flops_per_token": moe_layer_flops_per_token(cfg, D, F, args.mlp),
         "results": results,
         "ratios": ratios,
     }

@@ -37,7 +37,8 @@ def worker(preset: str, stack: int, steps: int, batch_size: int) -> dict:
     from launch.sweep import apply_overrides
     from sparsescale import config as config_lib
     from sparsescale import data as data_lib
-    from sparsescale import train
+    from sparsescale import stacking
+    from sparsescale import step as step_lib
 
     cfgs = []
     for k in range(stack):
@@ -47,25 +48,25 @@ def worker(preset: str, stack: int, steps: int, batch_size: int) -> dict:
             "model.name": preset,
             "data.batch_size": batch_size,
             "sparsity.structure": "unstructured" if sparsity else "dense",
-            "sparsity.sparsity": sparsity,
+            "sparsity.target": sparsity,
             "sparsity.schedule.every": 5,
             "train.steps": 10 * steps,
             "train.seed": k // len(SPARSITIES),
         }
         cfgs.append(config_lib.run_config(apply_overrides(c, over, "bench")))
-    base = train.check_stackable(cfgs)
-    trainer = train.build(base, num_variants=stack if stack > 1 else None)
+    base = stacking.check_stackable(cfgs)
+    trainer = step_lib.build(base, num_variants=stack if stack > 1 else None)
     data_lib.prepare(base.data)
     it = data_lib.train_iterator(base.data)
     if stack > 1:
-        variants = train.variant_inputs(cfgs, trainer.pruner)
+        variants = stacking.variant_inputs(cfgs, trainer.pruner)
         state = trainer.init_fn(variants)
         step = lambda s: trainer.step_fn(  # noqa: E731
-            s, train.global_batch(trainer, np.stack([next(it)] * stack)), variants
+            s, step_lib.global_batch(trainer, np.stack([next(it)] * stack)), variants
         )
     else:
         state = trainer.init_fn()
-        step = lambda s: trainer.step_fn(s, train.global_batch(trainer, next(it)))  # noqa: E731
+        step = lambda s: trainer.step_fn(s, step_lib.global_batch(trainer, next(it)))  # noqa: E731
     state, metrics = step(state)  # compiles
     jax.block_until_ready(metrics)
     startup_s = time.perf_counter() - t0
@@ -114,12 +115,13 @@ def main() -> None:
         print(json.dumps(worker(preset, int(stack), int(steps), int(batch))))
         return
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from sparsescale import accounting
     from sparsescale import model as model_lib
 
     jobs = len(local.available_cpus())
     rows, best = [], []
     for preset in args.presets.split(","):
-        n_params = model_lib.param_counts(model_lib.preset(preset))["non_embedding"]
+        n_params = accounting.param_counts(model_lib.preset(preset))["non_embedding"]
         trials = [
             measure(preset, int(k), args.steps, args.batch_size, jobs)
             for k in args.stacks.split(",")

@@ -14,19 +14,19 @@ import time
 import jax
 import numpy as np
 
-import sparsescale  # noqa: F401
 from benchmarks import common
 from experiments import common as exp_common
 from launch.sweep import apply_overrides
+from sparsescale import accounting
 from sparsescale import config as config_lib
 from sparsescale import model as model_lib
-from sparsescale import train
+from sparsescale import step as step_lib
 
 VARIANTS = {
     "dense": {"sparsity.structure": "dense"},
     "unstructured75": {
         "sparsity.structure": "unstructured",
-        "sparsity.sparsity": 0.75,
+        "sparsity.target": 0.75,
         "sparsity.schedule.kind": "constant",
     },
     "nm2:4": {"sparsity.structure": "nm", "sparsity.schedule.kind": "constant"},
@@ -44,14 +44,14 @@ class Stepper:
     """One compiled trainer on a fixed random batch; `step()` runs and times one train step."""
 
     def __init__(self, cfg, start_step: int = 0):
-        self.trainer = train.build(cfg)
+        self.trainer = step_lib.build(cfg)
         self.state = self.trainer.init_fn()
         self.state["step"] = jax.device_put(
             np.int32(start_step), self.trainer.state_shardings["step"]
         )
         rng = np.random.default_rng(0)
         batch = rng.integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
-        self.batch = train.global_batch(self.trainer, batch)
+        self.batch = step_lib.global_batch(self.trainer, batch)
         self.step()  # compile
 
     def step(self) -> float:
@@ -90,7 +90,7 @@ def moe_rows(preset: str, num_steps: int) -> dict:
     medians = interleaved_medians(cfgs, num_steps)
     out = {"preset": preset}
     for name, cfg in cfgs.items():
-        out[name] = {"step_s": medians[name], "params": model_lib.param_counts(cfg.model)}
+        out[name] = {"step_s": medians[name], "params": accounting.param_counts(cfg.model)}
     out["moe_over_dense_active"] = out["moe_e8_k2"]["step_s"] / out["dense_same_active"]["step_s"]
     out["moe_over_dense_total"] = out["moe_e8_k2"]["step_s"] / out["dense_same_total"]["step_s"]
     print(
@@ -119,11 +119,11 @@ def main():
         row = {"preset": preset}
         cfgs = {name: make_config(preset, overrides) for name, overrides in VARIANTS.items()}
         medians = interleaved_medians(cfgs, num_steps)
-        dense_flops = train.model_accounting(cfgs["dense"])["flops_per_token"]
+        dense_flops = accounting.run_accounting(cfgs["dense"])["flops_per_token"]
         for name, cfg in cfgs.items():
             t = medians[name]
             tokens = cfg.data.batch_size * cfg.data.seq_len
-            flops = train.model_accounting(cfg)["flops_per_token"]
+            flops = accounting.run_accounting(cfg)["flops_per_token"]
             row[name] = {
                 "step_s": t,
                 "tokens_per_s": tokens / t,
@@ -139,7 +139,7 @@ def main():
             preset,
             {
                 "sparsity.structure": "unstructured",
-                "sparsity.sparsity": 0.75,
+                "sparsity.target": 0.75,
                 "sparsity.schedule.start": 0.0,
                 "sparsity.schedule.end": 1.0,
                 "sparsity.schedule.every": every,

@@ -41,12 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.sparsity = ml_collections.ConfigDict()
     c.sparsity.structure = "dense"  # dense | unstructured | nm | block
-    c.sparsity.sparsity = 0.0
+    c.sparsity.target = 0.0
     c.sparsity.n = 2
     c.sparsity.m = 4
     c.sparsity.block = (16, 16)
     c.sparsity.balanced = False  # block: same number of blocks in every block-column
-    c.sparsity.impl = "masked"  # masked | block (block-sparse execution, see PruningConfig)
+    c.sparsity.impl = "masked"  # masked | block (block-sparse execution, see SparsityConfig)
     c.sparsity.switch_density = ml_collections.FieldReference(None, field_type=float)
     c.sparsity.allocation = "uniform"
     c.sparsity.method = "magnitude"
@@ -104,9 +104,10 @@ def steps_for_budget(
 ) -> int:
     """Steps that give `tokens_per_param` tokens per non-embedding parameter (at least
     `min_steps`): token budgets that scale with model size."""
+    from sparsescale import accounting
     from sparsescale import model as model_lib
 
-    params = model_lib.param_counts(model_lib.preset(model_name))["non_embedding"]
+    params = accounting.param_counts(model_lib.preset(model_name))["non_embedding"]
     return max(min_steps, round(tokens_per_param * params / (batch_size * seq_len)))
 
 
@@ -136,8 +137,8 @@ def preset_of(presets: dict, arg: str, experiment: str) -> dict:
 def sparsity_overrides(structure: str, sparsity: float = 0.0, **structure_args) -> dict:
     """Overrides for one sparsity variant; sparsity 0 (or structure "dense") is the dense baseline."""
     if structure == "dense" or (structure in ("unstructured", "block") and sparsity == 0.0):
-        return {"sparsity.structure": "dense", "sparsity.sparsity": 0.0}
-    out = {"sparsity.structure": structure, "sparsity.sparsity": float(sparsity)}
+        return {"sparsity.structure": "dense", "sparsity.target": 0.0}
+    out = {"sparsity.structure": structure, "sparsity.target": float(sparsity)}
     out.update({f"sparsity.{k}": v for k, v in structure_args.items()})
     return out
 

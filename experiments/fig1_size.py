@@ -9,12 +9,13 @@ Design:   5 sizes spanning ≥ 30× in non-embedding parameters (quick: 6K–330
           token-budget regimes tagged in the results:
           "scaled" (a fixed number of tokens per non-embedding parameter, so every size sees the
           same training budget relative to its size) and "fixed" (the same short step count for
-          every size, as in ../shared/PILOT.md).
+          every size, as in docs/PILOT.md).
 Expected: whatever the data show, stated with its regime. The pilot found the penalty ΔL(S) growing
           with size at a fixed short budget; the scaled regime tests whether that was under-training.
 """
 
 from experiments import common
+from sparsescale import accounting
 from sparsescale import model as model_lib
 
 PRESETS = {
@@ -81,7 +82,7 @@ def get_sweep(arg: str = "quick"):
                 if regime == "scaled"
                 else p["fixed_steps"]
             )
-            params = model_lib.param_counts(model_lib.preset(size))["non_embedding"]
+            params = accounting.param_counts(model_lib.preset(size))["non_embedding"]
             seeds = p["seeds"] if params <= p.get("max_params_multi_seed", float("inf")) else (0,)
             for sparsity in p["sparsities"]:
                 for seed in seeds:

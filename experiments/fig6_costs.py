@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from analysis import figures  # noqa: E402
+from sparsescale import accounting  # noqa: E402
 from sparsescale import model as model_lib  # noqa: E402
 from sparsescale.kernels import formats  # noqa: E402
 
@@ -95,7 +96,7 @@ def analyze(results, out_dir, benchmarks_dir: Path = BENCHMARKS):
     sparsities = np.array([0, 0.5, 0.75, 0.875, 0.9375])
     for name in ("cpu_25k", "cpu_100k", "cpu_600k", "cpu_4.7m"):
         cfg = model_lib.preset(name)
-        fpt = [model_lib.flops_per_token(cfg, 128, s) for s in sparsities]
+        fpt = [accounting.flops_per_token(cfg, 128, s) for s in sparsities]
         ax.plot(sparsities, np.array(fpt) / fpt[0], "o-", label=name)
     ax.plot(sparsities, 1 - sparsities, "k--", label="1 − S (all weights prunable)")
     ax.set(xlabel="sparsity S", ylabel="FLOPs per token / dense", title="Training FLOPs per token")

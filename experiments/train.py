@@ -13,7 +13,7 @@ def get_config(arg: str = "quick"):
     c = common.base_config()
     c.experiment = "train"
     c.sparsity.structure = "unstructured"
-    c.sparsity.sparsity = 0.75
+    c.sparsity.target = 0.75
     if arg == "smoke":
         return common.smoke(c)
     if arg != "quick":

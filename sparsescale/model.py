@@ -1,4 +1,5 @@
-"""Decoder-only transformer LM built from sparse layers, size presets, parameter and FLOP accounting.
+"""Decoder-only transformer LM built from sparse layers, and its size presets (counts and FLOPs:
+accounting.py).
 
 Legend for tensor names: B batch, L sequence length, D d_model, H heads, K head dim, F d_ff,
 V vocabulary.
@@ -254,62 +255,3 @@ class Transformer(nnx.Module):
         else:
             logits_BxLxV = self.unembed(x_BxLxD)
         return logits_BxLxV.astype(jnp.float32), {"aux_loss": aux_loss, **stats}
-
-
-# ------------------------------------------------------------------------------------------------
-# Accounting (closed-form; tests check it against the built model).
-
-
-def _mlp_params(cfg: ModelConfig) -> int:
-    return (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * cfg.d_ff
-
-
-def param_counts(cfg: ModelConfig, prunable_sparsity: float = 0.0) -> dict[str, int]:
-    """Total, non-embedding, prunable (attention + MLP/expert kernels), active-per-token and non-zero
-    parameter counts. `prunable_sparsity` is the overall fraction removed from prunable kernels."""
-    d = cfg.d_model
-    attn = 4 * d * d
-    norms = 2 * d
-    prunable = active_prunable = 0
-    router = 0
-    for i in range(cfg.n_layers):
-        prunable += attn
-        active_prunable += attn
-        if cfg.is_moe_layer(i):
-            prunable += cfg.moe.num_experts * _mlp_params(cfg)
-            active_prunable += cfg.moe.top_k * _mlp_params(cfg)
-            router += d * cfg.moe.num_experts
-        else:
-            prunable += _mlp_params(cfg)
-            active_prunable += _mlp_params(cfg)
-    embedding = cfg.vocab_size * d + (0 if cfg.tie_embeddings else d * cfg.vocab_size)
-    embedding += cfg.max_len * d if cfg.pos == "learned" else 0
-    non_embedding = prunable + router + norms * cfg.n_layers + d
-    removed = int(round(prunable_sparsity * prunable))
-    return {
-        "total": non_embedding + embedding,
-        "non_embedding": non_embedding,
-        "prunable": prunable,
-        "nonzero": non_embedding + embedding - removed,
-        "active": non_embedding - prunable + active_prunable + embedding,
-        "active_nonzero": non_embedding
-        - prunable
-        + int(round(active_prunable * (1 - prunable_sparsity)))
-        + embedding,
-    }
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int, prunable_sparsity: float = 0.0) -> float:
-    """Training FLOPs per token: 6 × (non-zero active matmul params incl. unembedding)
-    + 6 · layers · seq_len · d_model for attention scores (Kaplan et al. 2020)."""
-    counts = param_counts(cfg, prunable_sparsity)
-    matmul = (
-        counts["active_nonzero"]
-        - cfg.vocab_size * cfg.d_model  # the input embedding is a lookup, not a matmul
-        - (cfg.max_len * cfg.d_model if cfg.pos == "learned" else 0)
-        - (2 * cfg.d_model) * cfg.n_layers
-        - cfg.d_model
-    )
-    if cfg.tie_embeddings:
-        matmul += cfg.vocab_size * cfg.d_model
-    return 6.0 * matmul + 6.0 * cfg.n_layers * seq_len * cfg.d_model

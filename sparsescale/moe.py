@@ -92,42 +92,6 @@ def _check_mlp(d_model: int, d_ff: int, mlp_kind: str) -> None:
         raise ValueError(f"MoE needs d_model >= 1 and d_ff >= 1, got {d_model=}, {d_ff=}.")
 
 
-def _kernels_per_expert(mlp_kind: str) -> int:
-    return 3 if mlp_kind == "swiglu" else 2
-
-
-def moe_param_counts(
-    cfg: MoEConfig, d_model: int, d_ff: int, mlp_kind: str, *, expert_density: float = 1.0
-) -> dict:
-    """Parameters of one MoE layer (router included).
-
-    total: all parameters; active: those one token uses (router + top_k experts);
-    nonzero / active_nonzero: the same with expert kernels at `expert_density` (router unpruned).
-    """
-    validate(cfg)
-    _check_mlp(d_model, d_ff, mlp_kind)
-    per_expert = _kernels_per_expert(mlp_kind) * d_model * d_ff
-    router = d_model * cfg.num_experts
-    kept_per_expert = round(per_expert * expert_density)
-    return {
-        "total": cfg.num_experts * per_expert + router,
-        "active": cfg.top_k * per_expert + router,
-        "nonzero": cfg.num_experts * kept_per_expert + router,
-        "active_nonzero": cfg.top_k * kept_per_expert + router,
-    }
-
-
-def moe_flops_per_token(
-    cfg: MoEConfig, d_model: int, d_ff: int, mlp_kind: str, *, expert_density: float = 1.0
-) -> int:
-    """Training FLOPs per token of one MoE layer: 6 x active non-zero matmul params.
-
-    Counts useful work only: capacity padding and elementwise ops are not included.
-    """
-    counts = moe_param_counts(cfg, d_model, d_ff, mlp_kind, expert_density=expert_density)
-    return 6 * counts["active_nonzero"]
-
-
 def capacity(cfg: MoEConfig, num_tokens: int) -> int:
     """Slots per expert in capacity dispatch: ceil(capacity_factor * T * K / E), at least 1."""
     return max(1, math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts))

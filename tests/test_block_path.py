@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_train import _final_state, _metric_lines, smoke_config
 
+from sparsescale import block_phase, layers, train
 from sparsescale import config as config_lib
-from sparsescale import layers, train
 from sparsescale import pruner as pruner_lib
 from sparsescale import sparsity as sp
+from sparsescale import step as step_lib
 from sparsescale.kernels import xla_block
 
 
@@ -41,11 +41,11 @@ def test_balanced_and_block_impl_reject_bad_input():
     with pytest.raises(ValueError, match="keeps no block"):
         sp.Block(0.9, (64, 64), balanced=True).validate((256, 256))
     with pytest.raises(ValueError, match="needs a block structure"):
-        pruner_lib.PruningConfig(structure=sp.Unstructured(0.5), impl="block")
+        pruner_lib.SparsityConfig(structure=sp.Unstructured(0.5), impl="block")
     with pytest.raises(ValueError, match="per block-column"):
-        pruner_lib.PruningConfig(structure=sp.Block(0.5, balanced=True), allocation="global")
+        pruner_lib.SparsityConfig(structure=sp.Block(0.5, balanced=True), allocation="global")
     with pytest.raises(ValueError, match="switch_density"):
-        pruner_lib.PruningConfig(structure=sp.Block(0.5), impl="block", switch_density=0.0)
+        pruner_lib.SparsityConfig(structure=sp.Block(0.5), impl="block", switch_density=0.0)
     with pytest.raises(ValueError, match="block_budget"):
         layers.SparseLinear(
             32,
@@ -96,7 +96,7 @@ def test_block_columns_matmul_matches_dense(m, chunk, balanced, dtype, block):
     assert not dw[~np.asarray(mask)].any()  # no gradient off the kept tiles
 
 
-def test_block_phase_steps_hand_worked():
+def test_block_phase_steps_hand_worked(smoke_config):
     """Gradual 0 → 75% over steps 25..75 of 100, updates every 10, switch at ≤ 50% density.
     Density after an update at u is 1 − 0.75·(1 − (1 − (u − 25)/50)³) ≤ 0.5 first at u = 45
     (u = 35 gives 0.57); masks from the update at u are in force from step u + 1; the final
@@ -106,7 +106,7 @@ def test_block_phase_steps_hand_worked():
             **{
                 "sparsity.structure": "block",
                 "sparsity.block": (8, 8),
-                "sparsity.sparsity": 0.75,
+                "sparsity.target": 0.75,
                 "sparsity.impl": "block",
                 "sparsity.switch_density": 0.5,
                 "sparsity.schedule.start": 0.25,
@@ -116,17 +116,17 @@ def test_block_phase_steps_hand_worked():
             }
         )
     )
-    pruner = train.build(cfg).pruner
-    assert train.block_phase_steps([cfg], pruner) == [46, 76]
+    pruner = step_lib.build(cfg).pruner
+    assert block_phase.block_phase_steps([cfg], pruner) == [46, 76]
     masked = config_lib.run_config(smoke_config(**{"sparsity.structure": "block"}))
-    assert train.block_phase_steps([masked], pruner) == []
+    assert block_phase.block_phase_steps([masked], pruner) == []
 
 
 BLOCK_RUN = {
     "sparsity.structure": "block",
     "sparsity.block": (8, 8),
     "sparsity.balanced": True,
-    "sparsity.sparsity": 0.75,
+    "sparsity.target": 0.75,
     "sparsity.switch_density": 0.6,
     "sparsity.schedule.start": 0.1,
     "sparsity.schedule.end": 0.5,
@@ -137,27 +137,29 @@ BLOCK_RUN = {
 }
 
 
-def test_block_training_equals_masked_and_resumes(tmp_path, caplog):
+def test_block_training_equals_masked_and_resumes(
+    tmp_path, caplog, final_state, metric_lines, smoke_config
+):
     """Gradual balanced block pruning: the block run switches twice, its losses and weights match
     the masked run, and a resume inside the block phase (rebuilding the block step from the
     restored masks) continues bit-identically."""
     masked = config_lib.run_config(smoke_config(**BLOCK_RUN))
     block = config_lib.run_config(smoke_config(**BLOCK_RUN, **{"sparsity.impl": "block"}))
-    switches = train.block_phase_steps([block], train.build(block).pruner)
+    switches = block_phase.block_phase_steps([block], step_lib.build(block).pruner)
     assert len(switches) == 2 and switches[-1] < 20
 
     train.run(masked, tmp_path / "masked")
     with caplog.at_level(logging.INFO, logger="sparsescale"):
         summary = train.run(block, tmp_path / "block")
     assert sum("block-sparse layers" in r.message for r in caplog.records) == 2
-    ref, got = _metric_lines(tmp_path / "masked"), _metric_lines(tmp_path / "block")
+    ref, got = metric_lines(tmp_path / "masked"), metric_lines(tmp_path / "block")
     for key in ("train/loss", "norms/grad", "sparsity/overall"):
         np.testing.assert_allclose(
             [g[key] for g in got], [r[key] for r in ref], rtol=2e-5, err_msg=key
         )
     assert got[-1]["sparsity/overall"] == pytest.approx(0.75)
-    _, state_ref = _final_state(tmp_path / "masked")
-    _, state_got = _final_state(tmp_path / "block")
+    _, state_ref = final_state(tmp_path / "masked")
+    _, state_got = final_state(tmp_path / "block")
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
         state_got["params"],
@@ -174,7 +176,7 @@ def test_block_training_equals_masked_and_resumes(tmp_path, caplog):
         again = train.run(block, resumed)
     assert any("Step 20: block-sparse" in r.message for r in caplog.records)
     assert again["eval_loss"] == summary["eval_loss"]
-    assert [r["train/loss"] for r in _metric_lines(resumed)] == [r["train/loss"] for r in got]
+    assert [r["train/loss"] for r in metric_lines(resumed)] == [r["train/loss"] for r in got]
 
 
 @pytest.mark.parametrize("impl", ["xla_block", "pallas_block"])
@@ -200,7 +202,7 @@ def test_sparse_linear_with_block_budget_matches_masked(impl):
     np.testing.assert_allclose(g_got.bias[...], g_ref.bias[...], rtol=1e-4, atol=1e-5)
 
 
-def test_block_impl_on_moe_experts_fails_before_training(tmp_path):
+def test_block_impl_on_moe_experts_fails_before_training(tmp_path, smoke_config):
     cfg = config_lib.run_config(
         smoke_config(
             **BLOCK_RUN,

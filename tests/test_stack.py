@@ -10,58 +10,60 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from test_train import _env, _final_state, _metric_lines, smoke_config
 
 from sparsescale import config as config_lib
-from sparsescale import train
+from sparsescale import stacking, train
+from sparsescale import step as step_lib
 
 VARIANTS = (
-    {"sparsity.sparsity": 0.5},
-    {"sparsity.sparsity": 0.75, "train.seed": 1, "data.seed": 1, "sparsity.seed": 1},
-    {"sparsity.structure": "dense", "sparsity.sparsity": 0.0},
+    {"sparsity.target": 0.5},
+    {"sparsity.target": 0.75, "train.seed": 1, "data.seed": 1, "sparsity.seed": 1},
+    {"sparsity.structure": "dense", "sparsity.target": 0.0},
 )
 
 
-def _cfgs(**common):
+def _cfgs(smoke_config, **common):
     return [
         config_lib.run_config(smoke_config(**{**common, **v, "run_id": f"v{i}"}))
         for i, v in enumerate(VARIANTS)
     ]
 
 
-def test_stack_groups_follow_the_rules():
+def test_stack_groups_follow_the_rules(smoke_config):
     cfg = lambda **o: config_lib.run_config(smoke_config(**o))  # noqa: E731
     runs = [
-        cfg(**{"sparsity.sparsity": 0.5}),
-        cfg(**{"sparsity.sparsity": 0.9, "train.seed": 3, "data.seed": 2, "tag": "x"}),
-        cfg(**{"sparsity.structure": "dense", "sparsity.sparsity": 0.0}),  # joins as 0%
-        cfg(**{"sparsity.sparsity": 0.5, "train.lr": 1e-2}),  # another optimizer
-        cfg(**{"sparsity.structure": "nm", "sparsity.n": 2, "sparsity.m": 4}),
-        cfg(**{"sparsity.structure": "nm", "sparsity.n": 1, "sparsity.m": 4}),  # n is structure
+        cfg(**{"sparsity.target": 0.5}),
+        cfg(**{"sparsity.target": 0.9, "train.seed": 3, "data.seed": 2, "tag": "x"}),
+        cfg(**{"sparsity.structure": "dense", "sparsity.target": 0.0}),  # joins as 0%
+        cfg(**{"sparsity.target": 0.5, "train.lr": 1e-2}),  # another optimizer
+        cfg(
+            **{"sparsity.structure": "nm", "sparsity.n": 2, "sparsity.m": 4}
+        ),  # n:m is the structure
+        cfg(**{"sparsity.structure": "nm", "sparsity.n": 1, "sparsity.m": 4, "sparsity.target": 0}),
         cfg(**{"sparsity.structure": "nm", "sparsity.n": 2, "sparsity.m": 4, "train.seed": 1}),
-        cfg(**{"sparsity.sparsity": 0.5, "model.name": "cpu_50k"}),  # another model
+        cfg(**{"sparsity.target": 0.5, "model.name": "cpu_50k"}),  # another model
     ]
-    assert sorted(train.stack_groups(runs)) == [[0, 1, 2], [3], [4, 6], [5], [7]]
-    assert train.check_stackable([runs[2], runs[0]]) is runs[0]  # built from the sparse recipe
+    assert sorted(stacking.stack_groups(runs)) == [[0, 1, 2], [3], [4, 6], [5], [7]]
+    assert stacking.check_stackable([runs[2], runs[0]]) is runs[0]  # built from the sparse recipe
     block = {"sparsity.structure": "block", "sparsity.block": (8, 8), "sparsity.impl": "block"}
     fast = [
-        cfg(**block, **{"sparsity.sparsity": 0.5}),
-        cfg(**block, **{"sparsity.sparsity": 0.75, "train.seed": 1}),
-        cfg(**{"sparsity.structure": "dense", "sparsity.sparsity": 0.0}),  # would keep it masked
-        cfg(**{**block, "sparsity.impl": "masked", "sparsity.sparsity": 0.5}),
+        cfg(**block, **{"sparsity.target": 0.5}),
+        cfg(**block, **{"sparsity.target": 0.75, "train.seed": 1}),
+        cfg(**{"sparsity.structure": "dense", "sparsity.target": 0.0}),  # would keep it masked
+        cfg(**{**block, "sparsity.impl": "masked", "sparsity.target": 0.5}),
     ]
-    assert sorted(train.stack_groups(fast)) == [[0, 1], [2, 3]]
+    assert sorted(stacking.stack_groups(fast)) == [[0, 1], [2, 3]]
     with pytest.raises(ValueError, match="cannot be stacked"):
-        train.check_stackable([runs[0], runs[3]])
+        stacking.check_stackable([runs[0], runs[3]])
 
 
-def test_stacked_run_equals_separate_runs(tmp_path):
-    cfgs = _cfgs(**{"train.steps": 12, "train.log_every": 1, "train.ckpt_every": 12})
+def test_stacked_run_equals_separate_runs(tmp_path, final_state, metric_lines, smoke_config):
+    cfgs = _cfgs(smoke_config, **{"train.steps": 12, "train.log_every": 1, "train.ckpt_every": 12})
     stacked = train.run_stack(cfgs, [tmp_path / "stack" / c.run_id for c in cfgs])
     for cfg, summary in zip(cfgs, stacked, strict=True):
         alone = train.run(cfg, tmp_path / "alone" / cfg.run_id)
-        got = _metric_lines(tmp_path / "stack" / cfg.run_id)
-        ref = _metric_lines(tmp_path / "alone" / cfg.run_id)
+        got = metric_lines(tmp_path / "stack" / cfg.run_id)
+        ref = metric_lines(tmp_path / "alone" / cfg.run_id)
         assert [sorted(g) for g in got] == [sorted(r) for r in ref]  # same metrics, same format
         for key in ("train/loss", "norms/grad", "sparsity/overall"):
             if key in ref[0]:
@@ -72,17 +74,19 @@ def test_stacked_run_equals_separate_runs(tmp_path):
         assert summary["eval_loss"] == pytest.approx(alone["eval_loss"], rel=2e-5)
         for key in ("n_params_nonzero", "sparsity", "structure", "seed", "run_id", "schedule"):
             assert summary[key] == alone[key], key
-        (_, a), (_, b) = (_final_state(tmp_path / d / cfg.run_id) for d in ("stack", "alone"))
+        (_, a), (_, b) = (final_state(tmp_path / d / cfg.run_id) for d in ("stack", "alone"))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):  # checkpoints too
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
     assert stacked[2]["structure"] == "dense" and stacked[1]["sparsity"] == 0.75
 
 
-def test_nan_in_one_variant_fails_only_that_variant(tmp_path, monkeypatch):
-    cfgs = _cfgs(**{"train.steps": 8, "train.log_every": 2, "train.ckpt_every": 4})
+def test_nan_in_one_variant_fails_only_that_variant(
+    tmp_path, monkeypatch, metric_lines, smoke_config
+):
+    cfgs = _cfgs(smoke_config, **{"train.steps": 8, "train.log_every": 2, "train.ckpt_every": 4})
     clean = train.run_stack(cfgs, [tmp_path / "clean" / c.run_id for c in cfgs])
 
-    build = train.build
+    build = step_lib.build
 
     def poisoned_build(*args, **kwargs):  # variant 1's weights turn NaN in step 6
         trainer = build(*args, **kwargs)
@@ -100,18 +104,18 @@ def test_nan_in_one_variant_fails_only_that_variant(tmp_path, monkeypatch):
         trainer.step_fn = step
         return trainer
 
-    monkeypatch.setattr(train, "build", poisoned_build)
+    monkeypatch.setattr(step_lib, "build", poisoned_build)
     got = train.run_stack(cfgs, [tmp_path / "nan" / c.run_id for c in cfgs])
     assert got[1] is None
     failed = json.loads((tmp_path / "nan" / "v1" / "failed.json").read_text())
     assert "non-finite" in failed["error"] and failed["step"] == 4
     assert not (tmp_path / "nan" / "v1" / "summary.json").exists()
-    assert [m["step"] for m in _metric_lines(tmp_path / "nan" / "v1")] == [2, 4]
+    assert [m["step"] for m in metric_lines(tmp_path / "nan" / "v1")] == [2, 4]
     for k in (0, 2):  # the others are untouched by their neighbour's NaN
         assert got[k]["eval_loss"] == clean[k]["eval_loss"]
         assert (
-            _metric_lines(tmp_path / "nan" / f"v{k}")[-1]["train/loss"]
-            == (_metric_lines(tmp_path / "clean" / f"v{k}")[-1]["train/loss"])
+            metric_lines(tmp_path / "nan" / f"v{k}")[-1]["train/loss"]
+            == (metric_lines(tmp_path / "clean" / f"v{k}")[-1]["train/loss"])
         )
 
 
@@ -136,13 +140,15 @@ def _job(tmp_path: Path, name: str, steps: int) -> Path:
 
 
 @pytest.mark.slow
-def test_killed_stacked_job_resumes_every_variant_exactly(tmp_path):
+def test_killed_stacked_job_resumes_every_variant_exactly(
+    tmp_path, final_state, metric_lines, run_env
+):
     cmd = lambda job: [sys.executable, "-m", "sparsescale.stack", str(job)]  # noqa: E731
-    subprocess.run(cmd(_job(tmp_path, "ref", 20)), env=_env(), check=True, capture_output=True)
+    subprocess.run(cmd(_job(tmp_path, "ref", 20)), env=run_env(), check=True, capture_output=True)
 
     job = _job(tmp_path, "killed", 20)
     proc = subprocess.Popen(
-        cmd(job), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd(job), env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     kill_at = np.random.default_rng().integers(6, 15)
     last = tmp_path / "killed" / "v2"
@@ -160,17 +166,17 @@ def test_killed_stacked_job_resumes_every_variant_exactly(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (last / "summary.json").exists()
-    done = subprocess.run(cmd(job), env=_env(), capture_output=True, text=True)
+    done = subprocess.run(cmd(job), env=run_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Resumed from step" in done.stderr
 
     for i in range(len(VARIANTS)):
         ref, got = tmp_path / "ref" / f"v{i}", tmp_path / "killed" / f"v{i}"
-        assert [d["step"] for d in _metric_lines(got)] == list(range(1, 21))
-        assert [d["train/loss"] for d in _metric_lines(got)] == [
-            d["train/loss"] for d in _metric_lines(ref)
+        assert [d["step"] for d in metric_lines(got)] == list(range(1, 21))
+        assert [d["train/loss"] for d in metric_lines(got)] == [
+            d["train/loss"] for d in metric_lines(ref)
         ]
-        (step_a, a), (step_b, b) = _final_state(ref), _final_state(got)
+        (step_a, a), (step_b, b) = final_state(ref), final_state(got)
         assert step_a == step_b == 20
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
