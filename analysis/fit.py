@@ -503,7 +503,8 @@ def identification_issues(law: str, df: pd.DataFrame) -> tuple[str, ...]:
     """Why `df` cannot identify `law`'s parameters (empty when it can).
 
     Flags at least as many free parameters as distinct cells of the law's inputs, and for laws
-    with an N and a D term a single D or log N and log D collinear (|r| > 0.95) over the cells.
+    with an N and a D term a single D, log N and log D collinear (|r| > 0.95) over the cells, or
+    (sparse law) no more distinct (model size, D) budgets than its 5 N- and D-term parameters.
     """
     spec = _spec(law)
     issues = []
@@ -518,6 +519,11 @@ def identification_issues(law: str, df: pd.DataFrame) -> tuple[str, ...]:
     if law in ("sparse", "chinchilla"):
         size = "n_nonembedding" if "n_nonembedding" in df else N_FIT
         pairs = np.log(df[[size, "tokens"]].astype(float).drop_duplicates().to_numpy())
+        if law == "sparse" and len(pairs) <= 5:  # c_S, b_N, a_D, b_D, c: set by (N, D) alone
+            issues.append(
+                f"{len(pairs)} distinct (model size, D) budgets for the 5 parameters of the N- "
+                "and D-terms"
+            )
         if len(np.unique(pairs[:, 1])) < 2:
             issues.append("one token count D: the D-term is not identified")
         elif len(np.unique(pairs[:, 0])) >= 2:

@@ -326,17 +326,18 @@ def _drop_constant(frame: pd.DataFrame, cols) -> pd.DataFrame:
     return frame.drop(columns=drop)
 
 
+def _s_star_text(row) -> str:
+    """'S* [lo, hi]' (interval when there is one) or the censoring bound."""
+    text = gap.describe_s_star(row)
+    if row["status"] == "bracketed" and np.isfinite(row["lo"]):
+        text += f" [{row['lo']:.3g}, {row['hi']:.3g}]"
+    return text
+
+
 def _s_star_wide(table: pd.DataFrame) -> pd.DataFrame:
     """One row per cell, one column per tolerance: 'S* [lo, hi]' or the censoring bound."""
     t = table.copy()
-
-    def cell(row):
-        text = gap.describe_s_star(row)
-        if row["status"] == "bracketed" and np.isfinite(row["lo"]):
-            text += f" [{row['lo']:.3g}, {row['hi']:.3g}]"
-        return text
-
-    t["S*"] = t.apply(cell, axis=1)
+    t["S*"] = t.apply(_s_star_text, axis=1)
     keys = ["task", "regime", SIZE, "tokens", "n_seeds"]
     wide = t.pivot_table(index=keys, columns="tolerance", values="S*", aggfunc="first", sort=False)
     return wide[list(dict.fromkeys(t["tolerance"]))].reset_index()
@@ -416,17 +417,22 @@ def extrapolation_section(rep: Report, runs: pd.DataFrame) -> float:
         "coverage": coverage,
         "rows": records(held[cols]),
     }
-    note = (
-        ""
-        if fit.identified
-        else " (the fit on the smaller sizes is not identified: " + "; ".join(fit.issues) + ")"
-    )
+    note = ""
+    if not fit.identified:
+        note = " (the fit on the smaller sizes is not identified: " + "; ".join(fit.issues) + ")"
+    elif fit.on_bound:
+        note = f" (the fit on the smaller sizes has {', '.join(fit.on_bound)} on a bound)"
     rep.add(
         "### Leave-largest-size-out extrapolation",
         f"Fit without every run of the largest model (N = {fmt(held[SIZE].iloc[0])}), predicting "
-        f"its {len(held)} runs: mean |relative error| = {fmt(error)}; "
-        f"{rep.fit_config.ci_level:.0%} cluster-bootstrap intervals cover {fmt(coverage)} of "
-        f"them{note}.",
+        f"its {len(held)} runs: mean |relative error| = {fmt(error)}"
+        + (
+            f"; {rep.fit_config.ci_level:.0%} cluster-bootstrap intervals cover {fmt(coverage)} "
+            "of them"
+            if np.isfinite(coverage)
+            else "; no interval (no bootstrap)"
+        )
+        + f"{note}.",
     )
     rep.add(markdown_table(held[cols[1:]].sort_values(["tokens", "sparsity"])))
     return error
@@ -474,7 +480,7 @@ def fit_derived_sections(rep: Report, runs: pd.DataFrame, fit: FitResult, error:
     table = pd.concat(rows, ignore_index=True)
     rep.data["fit_tolerance"] = records(table)
     table["s_min"], table["s_max"] = levels[0], levels[-1]
-    table["S*"] = table.apply(gap.describe_s_star, axis=1)
+    table["S*"] = table.apply(_s_star_text, axis=1)
     table["size"] = [
         f"{fmt(n)} (extrapolated; held-out error {fmt(error)})" if x else fmt(n)
         for n, x in zip(table["size"], table["extrapolated"], strict=True)
@@ -485,8 +491,8 @@ def fit_derived_sections(rep: Report, runs: pd.DataFrame, fit: FitResult, error:
     rep.add(
         "### Tolerated sparsity S*(N) from the fit",
         f"Within the tested sparsities ({levels[0]:g}–{levels[-1]:g}; censored outside), each size "
-        f"with its own prunable fraction; sizes beyond the largest measured one only up to "
-        f"{MAX_EXTRAPOLATION:g}×, marked. The law makes ΔL almost independent of D and uses one "
+        f"with its own prunable fraction; {rep.fit_config.ci_level:.0%} cluster-bootstrap "
+        f"interval; sizes beyond the largest measured one only up to {MAX_EXTRAPOLATION:g}×, marked. The law makes ΔL almost independent of D and uses one "
         "g(S) for every size; where the measured gaps depend on D or size (tables above), "
         "the S* from runs is the one the data support.",
     )

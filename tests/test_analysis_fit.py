@@ -169,6 +169,11 @@ def test_identifiability_guard_flags_collinear_and_too_small_designs():
     # One token count: the sparse law's D-term cannot be identified.
     one_d = _sparse_table(TRUE_SPARSE, 0.0, 0, tokens=(1e9,))
     assert any("one token count" in i for i in fit.identification_issues("sparse", one_d))
+    # 2 sizes × 2 budgets: the 5 parameters of the N- and D-terms rest on 4 (N, D) budgets.
+    small = _sparse_table(TRUE_SPARSE, 0.0, 0, sizes=(1e6, 4e6), tokens=(1e9, 4e9))
+    assert any(
+        "4 distinct (model size, D)" in i for i in fit.identification_issues("sparse", small)
+    )
     # A full grid is identified; a parameter driven onto its bound is reported.
     assert fit.identification_issues("sparse", _sparse_table(TRUE_SPARSE, 0.0, 0)) == ()
     flat = load.tidy(pd.DataFrame({"n_params_nonzero": n, "tokens": 1e9, "eval_loss": 3.0}))
