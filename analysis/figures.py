@@ -107,7 +107,8 @@ def plot_loss_vs_params(df: pd.DataFrame, fit: FitResult | None = None, path=Non
 
 
 def _panel_keys(frame: pd.DataFrame) -> list[tuple]:
-    return sorted({(t, r) for t, r in zip(frame["task"], frame["regime"], strict=True)})
+    keys = {(t, r) for t, r in zip(frame["task"], frame["regime"], strict=True)}
+    return sorted(keys, key=lambda k: (k[0], gap.regime_key(k[1])))
 
 
 def _panel_title(task: str, regime: str, subtitles: dict | None, n_tasks: int) -> str:
@@ -138,6 +139,7 @@ def plot_loss_gap(
     positive = (cells["gap"] > 0).all()
     for ax, (task, regime) in zip(axes[0], keys, strict=True):
         sub = cells[(cells["task"] == task) & (cells["regime"] == regime)]
+        fitted = False
         for s, color in colors.items():
             pts = sub[sub["sparsity"] == s].sort_values(SIZE)
             if pts.empty:
@@ -155,6 +157,7 @@ def plot_loss_gap(
                     r = row.iloc[0]
                     n = np.geomspace(pts[SIZE].min(), pts[SIZE].max(), 50)
                     ax.plot(n, np.exp(r["log_g"]) * n ** -r["beta"], color=color, lw=1.2)
+                    fitted = True
                     label += f", β={r['beta']:.2g} [{r['lo']:.2g}, {r['hi']:.2g}]"
             ax.errorbar(
                 pts[SIZE], pts["gap"], yerr=err, fmt="o", ms=4, color=color, label=label, zorder=3
@@ -171,7 +174,9 @@ def plot_loss_gap(
         ax.title.set_fontsize(9)
         ax.legend(
             fontsize=7,
-            title="bars: 95% seed interval; lines: g(S)·N^−β, β [95% interval]",
+            title="bars: 95% seed interval; lines: g(S)·N^−β, β [95% interval]"
+            if fitted
+            else "bars: 95% seed interval (no β: needs ≥ 3 sizes)",
             title_fontsize=7,
             loc="upper center",
             bbox_to_anchor=(0.5, -0.16),

@@ -60,6 +60,23 @@ def regimes(df: pd.DataFrame) -> pd.Series:
     return df["tokens"].map(lambda d: f"D = {d:.3g}")
 
 
+def regime_key(label: str) -> tuple:
+    """Sort key for regime labels: 'D = 2.25e+08' before 'D = 1.8e+09' (numeric), else by name."""
+    if label.startswith("D = "):
+        return (0, float(label[4:]), "")
+    return (1, 0.0, label)
+
+
+def _sort(frame: pd.DataFrame, *cols: str) -> pd.DataFrame:
+    order = frame["regime"].map(regime_key)
+    return (
+        frame.assign(_order=order)
+        .sort_values(["task", "_order", *cols])
+        .drop(columns="_order")
+        .reset_index(drop=True)
+    )
+
+
 def paired_gaps(df: pd.DataFrame, structure: str = "unstructured") -> pd.DataFrame:
     """One row per sparse run with a dense partner of the same seed: loss, dense_loss, gap."""
     df = df.assign(regime=regimes(df))
@@ -69,7 +86,7 @@ def paired_gaps(df: pd.DataFrame, structure: str = "unstructured") -> pd.DataFra
     sparse = sparse.groupby([*keys, "sparsity"])["eval_loss"].mean().rename("loss").reset_index()
     out = sparse.merge(dense.reset_index(), on=keys, how="inner")
     out["gap"] = out["loss"] - out["dense_loss"]
-    return out.sort_values([*CELL, "sparsity", "seed"]).reset_index(drop=True)
+    return _sort(out, SIZE, "tokens", "sparsity", "seed")
 
 
 def gap_cells(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
@@ -90,7 +107,7 @@ def gap_cells(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
         t = scipy.stats.t.ppf((1 + ci_level) / 2, np.maximum(n - 1, 1))
         half = np.where(n >= 2, t * cells["gap_sd"] / np.sqrt(n), np.nan)
     cells["lo"], cells["hi"] = cells["gap"] - half, cells["gap"] + half
-    return cells
+    return _sort(cells, SIZE, "tokens", "sparsity")
 
 
 def gap_scaling(cells: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
@@ -127,7 +144,7 @@ def gap_scaling(cells: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
                 "yes" if beta - half > 0 else "no" if beta + half < 0 else "inconclusive"
             )
         rows.append(row)
-    return pd.DataFrame(rows)
+    return _sort(pd.DataFrame(rows), "sparsity") if rows else pd.DataFrame(rows)
 
 
 def _slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -210,7 +227,7 @@ def tolerance_table(
                     "n_seeds": n_seeds,
                 }
             )
-    return pd.DataFrame(rows)
+    return _sort(pd.DataFrame(rows), SIZE, "tokens") if rows else pd.DataFrame(rows)
 
 
 def describe_s_star(row) -> str:
@@ -226,7 +243,8 @@ def describe_regimes(df: pd.DataFrame) -> dict[str, dict]:
     """Per regime: tokens, tokens per non-embedding parameter and seeds per size, in words."""
     df = df.assign(regime=regimes(df))
     out = {}
-    for regime, sub in df.groupby("regime"):
+    for regime in sorted(set(df["regime"]), key=regime_key):
+        sub = df[df["regime"] == regime]
         tpp = sub["tokens"] / sub[SIZE]
         seeds = sub.groupby(SIZE)["seed"].nunique()
         counts = seeds.value_counts()
