@@ -1,6 +1,7 @@
 """Load sweep results and published scaling data into one tidy table (one row per run).
 
-Columns follow what `launch collect` writes (see `COLUMNS`); missing optional columns are filled
+Columns follow the run directory's summary (`sparsescale.run_files.SUMMARY_COLUMNS`, as `launch collect`
+writes them; see `COLUMNS`); missing optional columns are filled
 with sensible defaults so that every later step can rely on them.
 """
 
@@ -12,36 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-COLUMNS = (
-    "run_id",
-    "experiment",
-    "model",
-    "n_params_total",
-    "n_params_nonembedding",
-    "n_params_prunable",
-    "n_params_nonzero",
-    "n_params_active",
-    "sparsity",
-    "structure",
-    "nm_n",
-    "nm_m",
-    "block_size",
-    "num_experts",
-    "top_k",
-    "schedule",
-    "steps",
-    "tokens",
-    "flops_per_token",
-    "train_flops",
-    "eval_loss",
-    "eval_bpb",
-    "train_loss",
-    "seed",
-    "task",
-    "config_hash",
-    "wall_time_s",
-    "status",
-)
+from sparsescale import run_files
+
+# The run directory's summary columns (sparsescale/run_files.py owns them; `status` is also what
+# `launch collect` sets: done, failed, ...).
+COLUMNS = run_files.SUMMARY_COLUMNS
 REQUIRED = ("n_params_nonzero", "tokens", "eval_loss")
 # Derived by `tidy` (the parameter-count convention of every fit, table and axis): embeddings are
 # never pruned, so sizes are non-embedding parameters and sparsity removes from the prunable part.
@@ -142,6 +118,7 @@ def tidy(frame: pd.DataFrame, *, origin: str = "<DataFrame>") -> pd.DataFrame:
     defaults = {
         "run_id": [f"row{i}" for i in range(n)],
         "experiment": "",
+        "tag": "",
         "model": "",
         "n_params_total": df["n_params_nonzero"] / (1.0 - df["sparsity"]),
         "n_params_nonembedding": np.nan,
@@ -151,6 +128,8 @@ def tidy(frame: pd.DataFrame, *, origin: str = "<DataFrame>") -> pd.DataFrame:
         "block_size": np.nan,
         "num_experts": 0,
         "top_k": 0,
+        "method": "",
+        "allocation": "",
         "schedule": "",
         "steps": np.nan,
         "flops_per_token": np.nan,
@@ -161,6 +140,7 @@ def tidy(frame: pd.DataFrame, *, origin: str = "<DataFrame>") -> pd.DataFrame:
         "task": "",
         "config_hash": "",
         "wall_time_s": np.nan,
+        "data_fingerprint": "",
         "status": None,
     }
     for col, value in defaults.items():
@@ -173,8 +153,8 @@ def tidy(frame: pd.DataFrame, *, origin: str = "<DataFrame>") -> pd.DataFrame:
     df["num_experts"] = df["num_experts"].fillna(0).astype(int)
     df["top_k"] = df["top_k"].fillna(0).astype(int)
     df["seed"] = df["seed"].fillna(0).astype(int)
-    df["model"] = df["model"].fillna("").astype(str)
-    df["task"] = df["task"].fillna("").astype(str)
+    for col in ("experiment", "tag", "model", "method", "allocation", "schedule", "task"):
+        df[col] = df[col].astype(object).where(df[col].notna(), "").astype(str)
     df["status"] = df["status"].astype(object).where(df["status"].notna(), None)
     df["status"] = df["status"].map(lambda s: None if s is None else str(s))
     _add_parameter_counts(df)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from sparsescale import masking
 from sparsescale import pruner as pruner_lib
 from sparsescale import sparsity as sp
 from sparsescale import step as step_lib
@@ -58,7 +59,7 @@ def block_budgets_of(trainer: step_lib.Trainer, state: dict) -> dict[str, int]:
     all stacked variants): the tile budgets the block-sparse step needs from here on, since block
     masks only lose tiles as training goes on (pruned blocks stay zero, so never score back)."""
     bh, bw = trainer.cfg.sparsity.structure.block
-    kernel_paths = step_lib.kernel_mask_paths(
+    kernel_paths = masking.kernel_mask_paths(
         nnx.to_pure_dict(trainer.templates["params"]), nnx.to_pure_dict(trainer.templates["masks"])
     )
 

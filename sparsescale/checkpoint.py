@@ -1,27 +1,13 @@
-"""orbax checkpoints of {train state, data iterator, metadata}; atomic JSON writes."""
+"""orbax checkpoints of {train state, data iterator, metadata}."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
 import grain
 import jax
 import orbax.checkpoint as ocp
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Writes JSON to a temp file in the same directory, then renames (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=float)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Checkpointer:

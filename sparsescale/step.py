@@ -19,11 +19,11 @@ import numpy as np
 import optax
 from flax import nnx, traverse_util
 
+from sparsescale import masking, stacking
 from sparsescale import model as model_lib
 from sparsescale import pruner as pruner_lib
 from sparsescale import sharding as shard_lib
 from sparsescale import sparsity as sp
-from sparsescale import stacking
 from sparsescale.config import RunConfig, TrainConfig
 from sparsescale.layers import Mask, use_block_path
 
@@ -54,29 +54,6 @@ def as_state(template: nnx.State, pure: dict) -> nnx.State:
     state = jax.tree.map(lambda x: x, template)
     nnx.replace_by_pure_dict(state, pure)
     return state
-
-
-def kernel_mask_paths(params: dict, masks: dict) -> dict:
-    """{kernel path: mask path} for every masked kernel."""
-    mask_paths = set(traverse_util.flatten_dict(masks))
-    out = {}
-    for path in traverse_util.flatten_dict(params):
-        mask_path = pruner_lib.kernel_to_mask_path(path)
-        if path[-1] == "kernel" and mask_path in mask_paths:
-            out[path] = mask_path
-    return out
-
-
-def aligned_masks(params: dict, masks: dict) -> dict:
-    """A tree like `params`: each masked kernel's mask, a scalar True elsewhere."""
-    flat_masks = traverse_util.flatten_dict(masks)
-    flat = {
-        path: flat_masks.get(pruner_lib.kernel_to_mask_path(path), jnp.ones((), jnp.bool_))
-        if path[-1] == "kernel"
-        else jnp.ones((), jnp.bool_)
-        for path in traverse_util.flatten_dict(params)
-    }
-    return traverse_util.unflatten_dict(flat)
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
@@ -174,10 +151,7 @@ def build(
     templates = {"params": params_t, "masks": masks_t, "rest": rest_t}
 
     params_pure, masks_pure = nnx.to_pure_dict(params_t), nnx.to_pure_dict(masks_t)
-    kernel_paths = kernel_mask_paths(params_pure, masks_pure)
-    flat_params = traverse_util.flatten_dict(params_pure)
-    kernel_shapes = {p: tuple(flat_params[p].shape) for p in kernel_paths}
-    pruner = pruner_lib.Pruner(cfg.sparsity, kernel_shapes, cfg.train.steps)
+    pruner = masking.make_pruner(params_pure, masks_pure, cfg.sparsity, cfg.train.steps)
     tx = make_optimizer(cfg.train, cfg.sparsity)
 
     # Shardings from logical axis names.
@@ -201,17 +175,6 @@ def build(
     state_shardings = {**shardings, "opt": opt_shardings, "step": replicated}
     batch_sharding = shard_lib.batch_sharding(mesh, rules)
 
-    def split_kernels(params, masks):
-        fp, fm = traverse_util.flatten_dict(params), traverse_util.flatten_dict(masks)
-        return {p: fp[p] for p in pruner.paths}, {p: fm[m] for p, m in kernel_paths.items()}
-
-    def with_masks(masks, new_kernel_masks):
-        """The mask tree with the pruned kernels' masks replaced."""
-        fm = traverse_util.flatten_dict(masks)
-        for p, m in new_kernel_masks.items():
-            fm[kernel_paths[p]] = m
-        return traverse_util.unflatten_dict(fm)
-
     def bound_pruner(variant):
         if variant is None:
             return pruner
@@ -223,14 +186,7 @@ def build(
         model = fresh_model(seed)
         _, params, masks, rest = nnx.split(model, nnx.Param, Mask, ...)
         params, masks = nnx.to_pure_dict(params), nnx.to_pure_dict(masks)
-        kernels, _ = split_kernels(params, masks)
-        masks = with_masks(masks, bound_pruner(variant).initial_masks(kernels))
-        fp = traverse_util.flatten_dict(params)
-        fm = traverse_util.flatten_dict(masks)
-        if cfg.sparsity.keeps_pruned_zero:
-            for p, m in kernel_paths.items():
-                fp[p] = jnp.where(fm[m], fp[p], 0)
-        params = traverse_util.unflatten_dict(fp)
+        params, masks = masking.apply_initial_masks(bound_pruner(variant), params, masks)
         return {
             "params": params,
             "masks": masks,
@@ -258,12 +214,12 @@ def build(
             return loss + aux["aux_loss"], (loss, aux)
 
         (_, (loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        kernels, kernel_masks = split_kernels(state["params"], state["masks"])
+        kernels, kernel_masks = masking.pruned_kernels(pruner, state["params"], state["masks"])
         flat_grads = traverse_util.flatten_dict(grads)
         new_masks = bound_pruner(variant).update(
             step, kernels, kernel_masks, {p: flat_grads[p] for p in pruner.paths}
         )
-        masks = with_masks(state["masks"], new_masks)
+        masks = masking.replace_masks(state["masks"], new_masks)
         if cfg.sparsity.method == "srste":
             for p in pruner.paths:
                 decay = sp.srste_decay(kernels[p], new_masks[p], cfg.sparsity.srste_decay)
@@ -271,7 +227,7 @@ def build(
             grads = traverse_util.unflatten_dict(flat_grads)
         extra = {}
         if cfg.sparsity.keeps_pruned_zero:
-            extra = {"masks": aligned_masks(state["params"], masks)}
+            extra = {"masks": masking.optimizer_masks(state["params"], masks)}
         updates, opt = tx.update(grads, state["opt"], state["params"], **extra)
         params = optax.apply_updates(state["params"], updates)
 

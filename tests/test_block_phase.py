@@ -50,7 +50,8 @@ def test_balanced_and_block_impl_reject_bad_input():
         layers.SparseLinear(
             32,
             16,
-            impl="xla_block",
+            impl="block",
+            lowering="xla",
             structure=sp.Block(0.5, (8, 8)),
             block_budget=5,
             rngs=nnx.Rngs(0),
@@ -179,8 +180,8 @@ def test_block_training_equals_masked_and_resumes(
     assert [r["train/loss"] for r in metric_lines(resumed)] == [r["train/loss"] for r in got]
 
 
-@pytest.mark.parametrize("impl", ["xla_block", "pallas_block"])
-def test_sparse_linear_with_block_budget_matches_masked(impl):
+@pytest.mark.parametrize("lowering", ["xla", "pallas"])
+def test_sparse_linear_with_block_budget_matches_masked(lowering):
     """A SparseLinear on the block path with an exact tile budget gives the masked layer's output
     and kernel gradient (Pallas in interpret mode on CPU)."""
     structure = sp.Block(0.5, (8, 8), balanced=True)
@@ -190,7 +191,7 @@ def test_sparse_linear_with_block_budget_matches_masked(impl):
     fast.mask[...] = dense.mask[...]
     layers.use_block_path(fast, {}, structure)  # no layers named: nothing changes
     assert fast.impl == "masked"
-    fast.set_impl(impl, structure, block_budget=2)
+    fast.set_impl("block", structure, block_budget=2, lowering=lowering)
     x = jax.random.normal(jax.random.key(1), (2, 5, 32))
 
     def loss(layer):

@@ -1,0 +1,32 @@
+"""Config validation (sparsescale/config.py): bad input fails before anything compiles."""
+
+import jax
+import pytest
+
+from sparsescale import config as config_lib
+from sparsescale import step as step_lib
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.name": "cpu_huge"}, "Unknown model preset"),
+        ({"sparsity.structure": "nm", "sparsity.n": 50, "sparsity.m": 100}, "divisible by m=100"),
+        ({"sparsity.structure": "nm", "sparsity.n": 4, "sparsity.m": 4}, "0 < n < m"),
+        ({"sparsity.target": 1.5}, r"\[0, 1\)"),
+        ({"data.name": "no_such_dataset_xyz"}, "no_such_dataset_xyz"),
+        ({"data.seq_len": 64}, "exceeds model.max_len"),
+        ({"train.steps": 0}, "train.steps"),
+        ({"mesh.data": 3}, "needs 3 devices"),
+        ({"sparsity.structure": "block", "sparsity.block": (5, 5)}, "does not divide"),
+        ({"sparsity.structure": "dense", "sparsity.target": 0.75}, "structure 'dense' with target"),
+        ({"sparsity.structure": "nm", "sparsity.target": 0.9}, "but target is 0.9"),
+        ({"train.eval_every": -1}, "eval_every must be >= 0"),
+        ({"data.batch_size": 6, "mesh.data": 4}, "not divisible by the 4 batch shards"),
+    ],
+)
+def test_invalid_configs_fail_before_compile(overrides, message, smoke_config):
+    c = smoke_config(**overrides)
+    with pytest.raises(ValueError, match=message):
+        cfg = config_lib.run_config(c)
+        step_lib.build(cfg, jax.devices())  # shape checks need the model's shapes (no compile)
