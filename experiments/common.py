@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sparsity.schedule.start = 0.25
     c.sparsity.schedule.end = 0.75
     c.sparsity.schedule.every = 10
+    # None: update every `every` steps; N: N update intervals over [start, end] at any run length
+    c.sparsity.schedule.updates = ml_collections.FieldReference(None, field_type=int)
     c.sparsity.schedule.power = 3.0
 
     c.train = ml_collections.ConfigDict()

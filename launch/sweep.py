@@ -24,7 +24,7 @@ from launch import state
 from sparsescale import run_files
 
 SWEEP_FILE = "sweep.json"
-SCHEDULE_FIELDS = ("kind", "start", "end", "every", "power")
+SCHEDULE_FIELDS = ("kind", "start", "end", "every", "updates", "power")
 TRAINER_MODULE = "sparsescale.main"
 MAX_RUN_ID_LEN = 96
 

@@ -84,6 +84,8 @@ class RunConfig:
         d = self.to_dict()
         for k in ("run_id", "experiment", "tag"):
             d.pop(k)
+        if d["sparsity"]["schedule"]["updates"] is None:  # unset: same hash as before it existed
+            d["sparsity"]["schedule"].pop("updates")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -168,7 +168,7 @@ class Pruner:
 
     def is_update(self, step: jax.Array) -> jax.Array:
         if self.cfg.method == "srste":
-            return (step % self.cfg.schedule.every) == 0
+            return (step % self.cfg.schedule.interval(self.total_steps)) == 0
         return self.cfg.schedule.is_update(step, self.total_steps)
 
     def sparsity_fraction(self, step: jax.Array) -> jax.Array:

@@ -303,16 +303,21 @@ class Schedule:
     - "constant": sparse from initialisation (final sparsity at step 0, masks fixed).
     - "one_shot": dense until `start`·T, then final sparsity.
     - "gradual": Zhu & Gupta polynomial s_t = s_f + (s_i − s_f)(1 − p)^power with
-      p = (t − start·T)/((end − start)·T) clipped to [0, 1], s_i = 0, updated every `every` steps
-      (and exactly at start·T and end·T).
-    - "dynamic": sparse from init; SET/RigL drop-and-grow every `every` steps in [start·T, end·T)
-      with update fraction `drop_fraction`·(1 + cos(π p))/2.
+      p = (t − start·T)/((end − start)·T) clipped to [0, 1], s_i = 0, updated every
+      `interval(T)` steps (and exactly at start·T and end·T).
+    - "dynamic": sparse from init; SET/RigL drop-and-grow every `interval(T)` steps in
+      [start·T, end·T) with update fraction `drop_fraction`·(1 + cos(π p))/2.
+
+    The update interval is `every` steps, or, when `updates` is set, (end − start)·T / `updates`
+    rounded (at least 1): then every run length T gets the same number of updates at the same
+    fractions of training, and `every` is ignored.
     """
 
     kind: str = "gradual"
     start: float = 0.25
     end: float = 0.75
     every: int = 10
+    updates: int | None = None  # intervals over [start·T, end·T]; set: replaces `every`
     power: float = 3.0
     drop_fraction: float = 0.3
 
@@ -329,11 +334,28 @@ class Schedule:
             )
         if self.every < 1:
             raise ValueError(f"Schedule.every must be >= 1 step, got {self.every}.")
+        if self.updates is not None and not (
+            isinstance(self.updates, int)
+            and not isinstance(self.updates, bool)
+            and self.updates >= 1
+        ):
+            raise ValueError(
+                f"Schedule.updates must be None (update every `every` steps) or an int >= 1 "
+                f"(that many update intervals over [start·T, end·T]; `every` is then ignored), "
+                f"got {self.updates!r}."
+            )
         if self.power <= 0:
             raise ValueError(f"Schedule.power must be > 0, got {self.power}.")
 
     def steps(self, total_steps: int) -> tuple[int, int]:
         return int(round(self.start * total_steps)), int(round(self.end * total_steps))
+
+    def interval(self, total_steps: int) -> int:
+        """Steps between mask updates: `every`, or max(1, round((t1 − t0) / updates))."""
+        if self.updates is None:
+            return self.every
+        t0, t1 = self.steps(total_steps)
+        return max(1, int(round((t1 - t0) / self.updates)))
 
     def progress(self, step: jax.Array, total_steps: int) -> jax.Array:
         """Fraction g(t) ∈ [0, 1] of the final sparsity in force after an update at `step`."""
@@ -354,7 +376,7 @@ class Schedule:
             return step == 0
         if self.kind == "one_shot":
             return step == t0
-        on_grid = (step >= t0) & (step <= t1) & ((step - t0) % self.every == 0)
+        on_grid = (step >= t0) & (step <= t1) & ((step - t0) % self.interval(total_steps) == 0)
         if self.kind == "dynamic":
             return on_grid & (step < t1) & (step > 0)
         return on_grid | (step == t1)

@@ -1,5 +1,8 @@
 """Config validation (sparsescale/config.py): bad input fails before anything compiles."""
 
+import hashlib
+import json
+
 import jax
 import pytest
 
@@ -30,3 +33,16 @@ def test_invalid_configs_fail_before_compile(overrides, message, smoke_config):
     with pytest.raises(ValueError, match=message):
         cfg = config_lib.run_config(c)
         step_lib.build(cfg, jax.devices())  # shape checks need the model's shapes (no compile)
+
+
+def test_schedule_updates_key_and_hash(smoke_config):
+    """`sparsity.schedule.updates` unset leaves the config hash as it was before the key existed."""
+    unset = config_lib.run_config(smoke_config())
+    assert unset.sparsity.schedule.updates is None
+    d = unset.to_dict()
+    d["sparsity"]["schedule"].pop("updates")
+    for k in ("run_id", "experiment", "tag"):
+        d.pop(k)
+    assert unset.hash() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    fixed = config_lib.run_config(smoke_config(**{"sparsity.schedule.updates": 4}))
+    assert fixed.sparsity.schedule.updates == 4 and fixed.hash() != unset.hash()

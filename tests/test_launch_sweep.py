@@ -111,6 +111,9 @@ def test_unmatched_schedules_refused_unless_declared(tmp_path):
     other = varying.replace("schedule.end", "schedule.every")
     with pytest.raises(SweepError, match="schedule.every"):
         sweep.expand(write_experiment(tmp_path, other, axes=("sparsity.schedule.end",)))
+    updates = varying.replace('"sparsity.schedule.end": 0.5', '"sparsity.schedule.updates": 10')
+    with pytest.raises(SweepError, match=r"schedule.updates is None .* but 10"):
+        sweep.expand(write_experiment(tmp_path, updates))
     # dense runs have no schedule to match; token budgets (steps) may differ freely
     dense = (
         '[{"sparsity.target": 0.5, "train.steps": 20},'

@@ -1,5 +1,7 @@
 """Structures, allocation and schedules against numpy references and hand-worked examples."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,6 +135,8 @@ def test_traced_sparsity_does_not_recompile():
         (lambda: sp.select_paths(["embed/embedding"], sp.DEFAULT_INCLUDE, ()), "no layer"),
         (lambda: sp.structure_from_config("diagonal"), "Unknown sparsity structure"),
         (lambda: sp.Schedule(kind="gradual", start=0.8, end=0.2), "start <= end"),
+        (lambda: sp.Schedule(updates=0), "updates must be None .* int >= 1"),
+        (lambda: sp.Schedule(updates=2.5), "updates must be None .* int >= 1"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(make, message):
@@ -199,3 +203,25 @@ def test_matched_schedule_means_same_fractions_at_every_size():
     s = sp.Schedule()
     for total in (400, 4000):
         assert float(s.progress(total // 2, total)) == pytest.approx(0.875)
+
+
+def test_updates_interval_hand_worked():
+    # T=1000, start 0.25, end 0.75: t0=250, t1=750; 500 steps / 10 updates -> every 50 steps;
+    # 500 / 3 = 166.7 -> 167; more updates than steps -> 1.
+    assert sp.Schedule(updates=10).interval(1000) == 50
+    assert sp.Schedule(updates=3).interval(1000) == 167
+    assert sp.Schedule(updates=1000).interval(1000) == 1
+    assert sp.Schedule(every=7).interval(1000) == 7  # updates None: `every` unchanged
+
+
+def test_fixed_updates_give_the_same_update_fractions_at_every_run_length():
+    s = sp.Schedule(kind="gradual", start=0.25, end=0.75, every=10, updates=10)
+    fractions = {}
+    for total in (400, 800):  # intervals 20 and 40 steps; `every` would give 21 vs 41 updates
+        steps = [t for t in range(total + 1) if bool(s.is_update(t, total))]
+        fractions[total] = [t / total for t in steps]
+    expected = [0.25 + 0.05 * i for i in range(11)]  # t0, 10 intervals later t1
+    assert fractions[400] == pytest.approx(expected) and fractions[800] == pytest.approx(expected)
+    assert s.num_updates(400) == s.num_updates(800) == 11
+    dynamic = dataclasses.replace(s, kind="dynamic")  # [t0, t1): 10 drop-and-grow updates
+    assert dynamic.num_updates(400) == dynamic.num_updates(800) == 10
