@@ -317,9 +317,9 @@ class Schedule:
     start: float = 0.25
     end: float = 0.75
     every: int = 10
-    updates: int | None = None  # intervals over [start·T, end·T]; set: replaces `every`
     power: float = 3.0
     drop_fraction: float = 0.3
+    updates: int | None = None  # intervals over [start·T, end·T]; set: replaces `every`
 
     def __post_init__(self):
         if self.kind not in ("constant", "one_shot", "gradual", "dynamic"):
