@@ -12,18 +12,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("experiments")
-    return base / "runs", base / "docs"
+    return tmp_path_factory.mktemp("experiments") / "runs"
 
 
-def _run(figure, dirs):
-    root, out = dirs
-    assert (
-        reproduce.main([figure, "--preset", "smoke", "--root", str(root), "--out", str(out)]) == 0
-    )
+def _run(figure, root):
+    """Reproduces `figure`'s smoke preset with default outputs (under the sweep root, not docs/)."""
+    assert reproduce.main([figure, "--preset", "smoke", "--root", str(root)]) == 0
+    assert not (reproduce.DOCS / "figures" / figure / "smoke").exists()
     return root / getattr(
         __import__(f"experiments.{figure}", fromlist=["x"]), "RESULTS_FROM", figure
-    ), out / figure / "smoke"
+    ), root / figure / "smoke" / "analysis"
 
 
 @pytest.mark.parametrize("figure", ["fig1_size", "fig2_structure", "fig3_moe", "fig4_tasks"])

@@ -1,0 +1,49 @@
+"""experiments/reproduce.py: where a reproduction writes, and that docs/ changes only on --publish."""
+
+import shutil
+from pathlib import Path
+
+from experiments import reproduce
+
+
+def _snapshot(directory: Path) -> dict:
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.rglob("*") if p.is_file()}
+
+
+def test_outputs_go_under_the_sweep_root_unless_published(tmp_path):
+    root = tmp_path / "runs"
+    assert reproduce.output_dir("fig2_structure", "quick", root, None, False) == (
+        root / "fig2_structure" / "quick" / "analysis"
+    )
+    assert reproduce.output_dir("fig2_structure", "quick", root, tmp_path / "o", False) == (
+        tmp_path / "o" / "fig2_structure" / "quick"
+    )
+    assert reproduce.output_dir("fig2_structure", "quick", root, None, True) == (
+        reproduce.DOCS / "figures" / "fig2_structure" / "quick"
+    )
+
+
+def test_analyze_only_leaves_docs_alone_and_publish_refreshes_them(tmp_path, monkeypatch):
+    docs = tmp_path / "docs"
+    committed = docs / "figures" / "fig3_moe" / "quick"
+    committed.mkdir(parents=True)
+    shutil.copyfile(
+        reproduce.REPO / "docs/figures/fig3_moe/quick/results.csv", committed / "results.csv"
+    )
+    monkeypatch.setattr(reproduce, "DOCS", docs)
+    real = reproduce.REPO / "docs" / "figures" / "fig3_moe"
+    real_docs = _snapshot(real)
+    before = _snapshot(docs)
+    root = tmp_path / "runs"
+
+    args = ["fig3_moe", "--preset", "quick", "--analyze-only", "--root", str(root)]
+    assert reproduce.main(args) == 0
+    analysis = root / "fig3_moe" / "quick" / "analysis"
+    assert (analysis / "report.md").exists() and (analysis / "results.csv").exists()
+    assert _snapshot(docs) == before  # nothing under docs/ written or touched
+
+    assert reproduce.main([*args, "--publish"]) == 0
+    assert (committed / "report.md").exists() and (docs / "RESULTS.md").exists()
+    assert (committed / "report.md").read_text() == (analysis / "report.md").read_text()
+    assert "fig3_moe" in (docs / "RESULTS.md").read_text()
+    assert _snapshot(real) == real_docs
