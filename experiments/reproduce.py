@@ -8,7 +8,11 @@ runs are reused, interrupted ones resume). The results table, reports and figure
 results; `--publish` writes them to `docs/figures/<figure>/<preset>/` instead and refreshes
 `docs/RESULTS.md`; `--out DIR` writes them to `DIR/<figure>/<preset>/`.
 `--analyze-only` redraws from the committed results table (`docs/figures/<figure>/<preset>/
-results.csv`) without training, to the same places.
+results.csv`, or if there is none the committed run records) without training, to the same places.
+
+Committed run records (`launch/records.py`, `docs/records/<figure>/<preset>/<run_id>.json`): a
+run whose record matches its config is not trained again (its summary comes from the record), and
+`--publish` writes a record for every run it trained.
 """
 
 from __future__ import annotations
@@ -55,15 +59,16 @@ def main(argv=None) -> int:
     root = args.root / source / args.preset
     out = output_dir(args.figure, args.preset, args.root, args.out, args.publish)
     committed = DOCS / "figures" / args.figure / args.preset / "results.csv"
+    run_records = DOCS / "records" / source / args.preset
     table = out / "results.csv"
 
     from launch import __main__ as launch_cli
-    from launch import collect
+    from launch import collect, records
 
     if not args.analyze_only:
         if hasattr(module, "get_sweep"):
             spec = f"{REPO / 'experiments' / source}.py:{args.preset}"
-            launch_args = ["run", spec, "--root", str(root)]
+            launch_args = ["run", spec, "--root", str(root), "--records", str(run_records)]
             if args.jobs:
                 launch_args += ["--jobs", str(args.jobs)]
             if args.stack:
@@ -75,9 +80,14 @@ def main(argv=None) -> int:
             collect.collect(root)
             out.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / "results.csv", table)
+            if args.publish and (root / "sweep.json").exists():
+                records.write_records(root, run_records)
     elif committed.exists() and committed.resolve() != table.resolve():
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(committed, table)
+    elif not committed.exists() and list(run_records.glob("*.json")):
+        out.mkdir(parents=True, exist_ok=True)
+        records.results_frame(run_records).to_csv(table, index=False)
 
     import pandas as pd
 

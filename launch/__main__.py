@@ -1,8 +1,8 @@
 """`python -m launch {run,status,collect,calibrate}`: launch and inspect sweeps.
 
-python -m launch run experiments/fig1.py:quick --root runs/fig1 [--dry-run] [--backend slurm]
+python -m launch run experiments/fig1.py:quick --root runs/fig1 [--dry-run] [--backend slurm] [--records DIR]
 python -m launch status runs/fig1
-python -m launch collect runs/fig1
+python -m launch collect runs/fig1 [--records docs/records/fig1/quick]
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print runs and estimated cost only")
     run.add_argument("--backend", choices=("local", "slurm"), default="local")
     run.add_argument("--max-retries", type=int, default=2, help="retries of a failed run")
+    run.add_argument(
+        "--records", type=Path, help="committed run records: a run whose record matches is done"
+    )
     run.add_argument("--jobs", type=int, help="local: concurrent runs (default: measured)")
     run.add_argument("--threads", type=int, help="local: cores per run (default: measured)")
     run.add_argument(
@@ -53,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     col = sub.add_parser("collect", help="write results.csv and results.parquet")
     col.add_argument("root", type=Path)
     col.add_argument("--all", action="store_true", help="also rows for unfinished runs")
+    col.add_argument("--records", type=Path, help="also write a record per finished run here")
     return parser
 
 
@@ -90,6 +94,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "collect":
         frame = collect.collect(args.root, include_unfinished=args.all)
         print(f"{len(frame)} runs -> {args.root / 'results.csv'}, {args.root / 'results.parquet'}")
+        if args.records:
+            from launch import records
+
+            print(
+                f"{len(records.write_records(args.root, args.records))} records -> {args.records}"
+            )
         return 0
 
     expanded = sweep.expand(args.experiment)
@@ -103,6 +113,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.max_retries < 0:
         raise sweep.SweepError(f"--max-retries must be ≥ 0, got {args.max_retries}")
+    if args.records:
+        from launch import records
+
+        for run_id in records.materialise(expanded, args.root, args.records):
+            print(f"{run_id}: done, from its record in {args.records}", flush=True)
     if args.backend == "slurm":
         from launch.backends import slurm
 

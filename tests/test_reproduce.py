@@ -47,3 +47,27 @@ def test_analyze_only_leaves_docs_alone_and_publish_refreshes_them(tmp_path, mon
     assert (committed / "report.md").read_text() == (analysis / "report.md").read_text()
     assert "fig3_moe" in (docs / "RESULTS.md").read_text()
     assert _snapshot(real) == real_docs
+
+
+def test_analyze_only_rebuilds_the_table_from_records_alone(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from sparsescale import run_files
+
+    table = pd.read_csv(reproduce.REPO / "docs/figures/fig3_moe/quick/results.csv")
+    recs = tmp_path / "docs" / "records" / "fig3_moe" / "quick"
+    recs.mkdir(parents=True)
+    for row in table.astype(object).where(table.notna(), None).to_dict("records"):
+        record = {"summary": row, "curve": [], "config_hash": row["config_hash"]}
+        run_files.write_json_atomic(recs / f"{row['run_id']}.json", record)
+    monkeypatch.setattr(reproduce, "DOCS", tmp_path / "docs")  # no committed results table
+    root = tmp_path / "runs"
+    assert (
+        reproduce.main(["fig3_moe", "--preset", "quick", "--analyze-only", "--root", str(root)])
+        == 0
+    )
+    analysis = root / "fig3_moe" / "quick" / "analysis"
+    assert (analysis / "report.md").exists()
+    rebuilt = pd.read_csv(analysis / "results.csv")[list(table.columns)]
+    rebuilt = rebuilt.sort_values("run_id", ignore_index=True)
+    pd.testing.assert_frame_equal(rebuilt, table.sort_values("run_id", ignore_index=True))
