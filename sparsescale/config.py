@@ -22,6 +22,13 @@ from sparsescale import sparsity as sp
 SECTIONS = ("model", "data", "sparsity", "train", "mesh", "launch")
 TOP_LEVEL = ("run_id", "experiment", "tag")
 
+# Config fields a resume may change: they change what is logged or how fast, not the result.
+RESULT_NEUTRAL = (
+    "run_id", "experiment", "tag", "mesh", "train.log_every", "train.eval_every",
+    "train.ckpt_every", "train.keep_ckpts", "data.data_dir", "data.worker_count",
+    "data.read_threads", "data.prefetch_batches",
+)  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -168,3 +175,52 @@ def run_config(config: ml_collections.ConfigDict | dict) -> RunConfig:
         model_name=name,
         tag=c.get("tag", ""),
     )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
+    """Dotted fields in which `cfg` differs from a saved config.json, less RESULT_NEUTRAL ones."""
+    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    neutral = lambda k: any(k == n or k.startswith(n + ".") for n in RESULT_NEUTRAL)  # noqa: E731
+    return sorted(
+        f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+        for k in set(old) | set(new)
+        if not neutral(k) and old.get(k) != new.get(k)
+    )
+
+
+def summary_fields(cfg: RunConfig, counts: dict) -> dict:
+    """The summary.json columns (run_files.SUMMARY_COLUMNS) that describe the run: its config and
+    `counts` (accounting.run_accounting); the trainer adds the results."""
+    structure = cfg.sparsity.structure
+    moe = cfg.model.moe
+    return {
+        "run_id": cfg.run_id,
+        "experiment": cfg.experiment,
+        "tag": cfg.tag,
+        "model": cfg.model_name,
+        **counts,
+        "sparsity": sp.target_sparsity(structure),
+        "structure": "moe"
+        if moe is not None and moe.num_experts > 0 and structure is None
+        else ("dense" if structure is None else structure.name),
+        "nm_n": structure.n if isinstance(structure, sp.NM) else None,
+        "nm_m": structure.m if isinstance(structure, sp.NM) else None,
+        "block_size": structure.block[0] if isinstance(structure, sp.Block) else None,
+        "num_experts": moe.num_experts if moe is not None else 0,
+        "top_k": moe.top_k if moe is not None else 0,
+        "method": cfg.sparsity.method,
+        "allocation": cfg.sparsity.allocation,
+        "schedule": json.dumps(dataclasses.asdict(cfg.sparsity.schedule), sort_keys=True),
+        "steps": cfg.train.steps,
+        "seed": cfg.train.seed,
+        "task": cfg.data.name,
+        "config_hash": cfg.hash(),
+    }

@@ -6,6 +6,7 @@ the metrics reader. The trainer writes it; `launch` and `analysis` read it throu
       metrics.jsonl    one JSON object per logged step ({"step": ..., "train/loss": ..., ...})
       tb/              TensorBoard events
       checkpoints/     orbax checkpoints (state, data iterator, metadata)
+      checkpoints.corrupt/  checkpoints that failed to restore, moved aside (never deleted)
       summary.json     SUMMARY_COLUMNS (present: the run finished)
       failed.json      {"error", "step"}: a non-finite loss stopped the run
       .lock            held by the trainer while it runs (one trainer per workdir)
@@ -26,6 +27,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 CHECKPOINTS = "checkpoints"
+CORRUPT_CHECKPOINTS = "checkpoints.corrupt"  # checkpoints that did not restore, kept aside
 SUMMARY = "summary.json"
 FAILED = "failed.json"
 LOCK = ".lock"

@@ -25,6 +25,7 @@ from flax import nnx
 
 from sparsescale import accounting, block_phase, stacking
 from sparsescale import checkpoint as ckpt
+from sparsescale import config as config_lib
 from sparsescale import data as data_lib
 from sparsescale import model as model_lib
 from sparsescale import pruner as pruner_lib
@@ -36,13 +37,6 @@ from sparsescale.layers import use_block_path
 
 log = logging.getLogger("sparsescale")
 
-# Config fields a resume may change: they change what is logged or how fast, not the result.
-RESULT_NEUTRAL = (
-    "run_id", "experiment", "tag", "mesh", "train.log_every", "train.eval_every",
-    "train.ckpt_every", "train.keep_ckpts", "data.data_dir", "data.worker_count",
-    "data.read_threads", "data.prefetch_batches",
-)  # fmt: skip
-
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -50,25 +44,6 @@ class NonFiniteLoss(RuntimeError):
 
 class RunDirError(RuntimeError):
     """The workdir cannot be used as asked (in use, or its config differs); nothing was written."""
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
-    """Dotted fields in which `cfg` differs from a saved config.json, less RESULT_NEUTRAL ones."""
-    old, new = _flatten(saved), _flatten(cfg.to_dict())
-    neutral = lambda k: any(k == n or k.startswith(n + ".") for n in RESULT_NEUTRAL)  # noqa: E731
-    return sorted(
-        f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
-        for k in set(old) | set(new)
-        if not neutral(k) and old.get(k) != new.get(k)
-    )
 
 
 class MetricsLog:
@@ -142,10 +117,15 @@ def _finished(cfg: RunConfig, workdir: Path) -> dict | None:
     summary = rf.read_json(workdir / rf.SUMMARY)
     if summary is None:
         return None
-    if summary.get("config_hash") != cfg.hash():
+    saved = rf.read_json(workdir / rf.CONFIG)
+    if saved is not None:
+        changes = config_lib.config_changes(saved, cfg)
+    else:
+        changes = [] if summary.get("config_hash") == cfg.hash() else ["config_hash"]
+    if changes:
         raise RunDirError(
-            f"{workdir} holds a finished run with another config (config_hash "
-            f"{summary.get('config_hash')} != {cfg.hash()}); use a new workdir."
+            f"{workdir} holds a run that finished with another config (changed: "
+            f"{'; '.join(changes)}); use a new workdir."
         )
     return summary
 
@@ -155,7 +135,7 @@ def _check_config(cfg: RunConfig, workdir: Path, allow_change: bool) -> None:
     path = workdir / rf.CONFIG
     if path.exists():
         try:
-            changes = config_changes(rf.load_json(path), cfg)
+            changes = config_lib.config_changes(rf.load_json(path), cfg)
         except rf.RunFileError as e:
             changes = [f"unreadable saved config ({e})"]
         if changes and not allow_change:
@@ -171,7 +151,7 @@ def _check_config(cfg: RunConfig, workdir: Path, allow_change: bool) -> None:
 
 def _restore(trainer, base, members, stacked, iterators: list):
     """(state, start step, wall time so far) from the newest checkpoint step every member has and
-    restores; unrestorable ones are moved to `checkpoints.corrupt/` with a warning."""
+    restores; unrestorable ones are moved to run_files.CORRUPT_CHECKPOINTS with a warning."""
     one = step_lib.build(base) if stacked else trainer
     abstract = ckpt.abstract_with_shardings(jax.eval_shape(one.init_fn), one.state_shardings)
     common = set.intersection(*(set(m.checkpointer.manager.all_steps()) for m in members))
@@ -184,11 +164,11 @@ def _restore(trainer, base, members, stacked, iterators: list):
         except Exception as e:  # noqa: BLE001 (any damage: truncated, missing or empty files)
             cause = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             for m in members:
-                if step in m.checkpointer.manager.all_steps():
-                    aside = m.workdir / "checkpoints.corrupt" / f"{step}.{time.time_ns()}"
+                if jax.process_index() == 0 and step in m.checkpointer.manager.all_steps():
+                    aside = m.workdir / rf.CORRUPT_CHECKPOINTS / f"{step}.{time.time_ns()}"
                     aside.parent.mkdir(exist_ok=True)
                     shutil.move(m.checkpointer.manager.directory / str(step), aside)
-                    m.checkpointer.manager.reload()
+                m.checkpointer.manager.reload()
             log.warning(
                 "Skipped checkpoint step %d of %s (it does not restore: %s); moved it aside to "
                 "checkpoints.corrupt/ and trying the previous one.",
@@ -435,7 +415,7 @@ def _finish(members, trainer, state, evals, start, wall, is_main) -> list[dict |
                 "retrain the last steps)."
             )
         row = {
-            **_summary_columns(m.cfg, m.accounting),
+            **config_lib.summary_fields(m.cfg, m.accounting),
             "eval_loss": m.eval_loss,
             "eval_bpb": m.eval_loss / math.log(2),
             "train_loss": m.train_loss,
@@ -445,35 +425,6 @@ def _finish(members, trainer, state, evals, start, wall, is_main) -> list[dict |
         }
         summaries[k] = rf.write_summary(m.workdir, row) if is_main else row
     return summaries
-
-
-def _summary_columns(cfg: RunConfig, counts: dict) -> dict:
-    """What summary.json says about the run's config (the rest are its results)."""
-    structure = cfg.sparsity.structure
-    moe = cfg.model.moe
-    return {
-        "run_id": cfg.run_id,
-        "experiment": cfg.experiment,
-        "tag": cfg.tag,
-        "model": cfg.model_name,
-        **counts,
-        "sparsity": sp.target_sparsity(structure),
-        "structure": "moe"
-        if moe is not None and moe.num_experts > 0 and structure is None
-        else ("dense" if structure is None else structure.name),
-        "nm_n": structure.n if isinstance(structure, sp.NM) else None,
-        "nm_m": structure.m if isinstance(structure, sp.NM) else None,
-        "block_size": structure.block[0] if isinstance(structure, sp.Block) else None,
-        "num_experts": moe.num_experts if moe is not None else 0,
-        "top_k": moe.top_k if moe is not None else 0,
-        "method": cfg.sparsity.method,
-        "allocation": cfg.sparsity.allocation,
-        "schedule": json.dumps(dataclasses.asdict(cfg.sparsity.schedule), sort_keys=True),
-        "steps": cfg.train.steps,
-        "seed": cfg.train.seed,
-        "task": cfg.data.name,
-        "config_hash": cfg.hash(),
-    }
 
 
 def _fail(member: _Member, cause: str, is_main: bool) -> None:

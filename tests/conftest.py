@@ -14,6 +14,7 @@ jax.config.update("jax_num_cpu_devices", 4)
 
 import json  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -97,3 +98,77 @@ def metric_lines():
 def main_cmd():
     """`main_cmd(workdir, *overrides)`: the command line that trains the smoke run in `workdir`."""
     return make_main_cmd
+
+
+SMOKE_EXPERIMENT = """
+import ml_collections
+from experiments import common
+
+def get_config(arg):
+    c = common.smoke(common.base_config())
+    c.experiment = "launchtest"
+    c.sparsity.structure = "unstructured"
+    c.sparsity.target = 0.5
+    c.train.steps = {steps}
+    c.train.log_every = {log_every}
+    c.train.ckpt_every = {ckpt_every}
+    c.launch = ml_collections.ConfigDict(
+        dict(cpus_per_task=1, mem_gb=2.0, timeout_min=10, tasks=1))
+    return c
+
+def get_sweep(arg):
+    return {sweep!r}
+"""
+
+
+def make_experiment(directory, sweep, steps=6, log_every=3, ckpt_every=3) -> Path:
+    path = Path(directory) / "launchtest.py"
+    path.write_text(
+        SMOKE_EXPERIMENT.format(
+            sweep=sweep, steps=steps, log_every=log_every, ckpt_every=ckpt_every
+        )
+    )
+    return path
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def experiment_file():
+    """`experiment_file(dir, sweep, steps=6, log_every=3, ckpt_every=3)`: a smoke experiment
+    file (50% unstructured, experiment "launchtest") declaring `sweep`; returns its path."""
+    return make_experiment
+
+
+@pytest.fixture
+def wait_for():
+    """`wait_for(predicate, timeout_s, what)`: polls until `predicate()` or fails naming `what`."""
+    return wait_until
+
+
+def make_launcher_env() -> dict[str, str]:
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+
+def read_attempts(root: Path, run_id: str) -> list[dict]:
+    from sparsescale import run_files
+
+    return run_files.read_json(Path(root) / run_id / "launch.json")["attempts"]
+
+
+@pytest.fixture(scope="session")
+def launcher_env():
+    """`launcher_env()`: the test session's env without its 4 fake devices (runs use one each)."""
+    return make_launcher_env
+
+
+@pytest.fixture(scope="session")
+def attempts():
+    """`attempts(root, run_id)`: the launch attempts recorded in the run's launch.json."""
+    return read_attempts

@@ -20,38 +20,6 @@ from launch.backends import local
 from launch.sweep import SweepError
 from sparsescale import run_files
 
-EXPERIMENT = """
-import ml_collections
-from experiments import common
-
-def get_config(arg):
-    c = common.smoke(common.base_config())
-    c.experiment = "faults"
-    c.sparsity.structure = "unstructured"
-    c.sparsity.target = 0.5
-    c.train.steps = {steps}
-    c.train.log_every = 5
-    c.train.ckpt_every = 50
-    return c
-
-def get_sweep(arg):
-    return {sweep!r}
-"""
-
-
-def write_experiment(tmp_path: Path, runs: list[dict], steps: int = 2000) -> str:
-    path = tmp_path / "faults.py"
-    path.write_text(EXPERIMENT.format(sweep=runs, steps=steps))
-    return f"{path}:smoke"
-
-
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.2)
-
 
 def _alive(attempt: dict) -> bool:
     pid = attempt.get("pid")
@@ -59,12 +27,15 @@ def _alive(attempt: dict) -> bool:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_trainers_and_closes_attempts(tmp_path):
+def test_sigterm_stops_trainers_and_closes_attempts(tmp_path, experiment_file, wait_for):
     """SIGTERM to the launcher alone (as Slurm sends it) while a stacked job and a single run
     train: no trainer survives, every attempt is closed as interrupted naming SIGTERM, the lock
     is released, runs read as pending (resumable, not failed), and no fork warning is printed."""
     runs = [{"sparsity.target": t} for t in (0.5, 0.75, 0.875)]
-    spec, root = write_experiment(tmp_path, runs), tmp_path / "root"
+    spec, root = (
+        f"{experiment_file(tmp_path, runs, steps=2000, log_every=5, ckpt_every=50)}:smoke",
+        tmp_path / "root",
+    )
     args = ["run", spec, "--root", str(root), "--jobs", "2", "--threads", "1", "--stack", "2"]
     launcher = subprocess.Popen(
         [sys.executable, "-m", "launch", *args],
@@ -80,7 +51,7 @@ def test_sigterm_stops_trainers_and_closes_attempts(tmp_path):
         return launch["attempts"] if launch else []
 
     try:
-        _wait_for(lambda: all(attempts(r) and attempts(r)[-1].get("pid") for r in ids), 120,
+        wait_for(lambda: all(attempts(r) and attempts(r)[-1].get("pid") for r in ids), 120,
                   "all trainers started")  # fmt: skip
         started = {r: attempts(r)[-1] for r in ids}
         assert len({a["pid"] for a in started.values()}) == 2  # a stacked job and a single run
@@ -127,10 +98,10 @@ def test_spawn_does_not_fork_a_jax_threaded_process_and_pins_cores():
     assert os.sched_getaffinity(0) == own  # the launcher's own cores are given back
 
 
-def test_temporary_checkpoint_dirs_are_not_checkpoints(tmp_path):
+def test_temporary_checkpoint_dirs_are_not_checkpoints(tmp_path, experiment_file):
     """A writer killed mid-save leaves `<step>.orbax-checkpoint-tmp-*`: that run has nothing to
     resume from, so it still stacks with its fresh neighbours instead of restarting alone."""
-    spec = write_experiment(tmp_path, [{"sparsity.target": t} for t in (0.5, 0.75)], steps=20)
+    spec = f"{experiment_file(tmp_path, [{'sparsity.target': t} for t in (0.5, 0.75)], 20, 5, 50)}:smoke"
     expanded = sweep.expand(spec)
     root = tmp_path / "root"
     first = root / expanded.runs[0].run_id / run_files.CHECKPOINTS
@@ -192,8 +163,8 @@ def test_crafted_sweep_json_is_refused_with_its_cause(tmp_path, runs, cause):
     assert [p for p in tmp_path.rglob("*") if p != root and root not in p.parents] == outside
 
 
-def test_damaged_sweep_json_is_refused_and_never_overwritten(tmp_path):
-    spec = write_experiment(tmp_path, [{"sparsity.target": 0.5}], steps=20)
+def test_damaged_sweep_json_is_refused_and_never_overwritten(tmp_path, experiment_file):
+    spec = f"{experiment_file(tmp_path, [{'sparsity.target': 0.5}], 20, 5, 50)}:smoke"
     expanded = sweep.expand(spec)
     root = tmp_path / "root"
     record = sweep.save_sweep(root, expanded)

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -18,42 +17,11 @@ from sparsescale import run_files
 
 pytestmark = pytest.mark.slow
 
-EXPERIMENT = """
-import ml_collections
-from experiments import common
-
-def get_config(arg):
-    c = common.smoke(common.base_config())
-    c.experiment = "launchtest"
-    c.sparsity.structure = "unstructured"
-    c.sparsity.target = 0.5
-    c.train.steps = {steps}
-    c.train.log_every = {every}
-    c.train.ckpt_every = {every}
-    c.launch = ml_collections.ConfigDict(
-        dict(cpus_per_task=1, mem_gb=2.0, timeout_min=10, tasks=1))
-    return c
-
-def get_sweep(arg):
-    return {sweep!r}
-"""
-
-
-def write_experiment(tmp_path: Path, sweep: list[dict], steps: int = 6, every: int = 3) -> Path:
-    path = tmp_path / "launchtest.py"
-    path.write_text(EXPERIMENT.format(sweep=sweep, steps=steps, every=every))
-    return path
-
-
-def launcher_env() -> dict[str, str]:
-    """The test session's env without its 4 fake devices (runs use one CPU device each)."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-
 
 def launch(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "launch", *args],
-        env=launcher_env(),
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),  # one CPU device per run
         capture_output=True,
         text=True,
         timeout=600,
@@ -61,23 +29,13 @@ def launch(*args: str, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
-def attempts(root: Path, run_id: str) -> list[dict]:
-    return run_files.read_json(root / run_id / "launch.json")["attempts"]
-
-
 def metric_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.2)
-
-
-def test_sweep_survives_kill_reports_failure_and_collects(tmp_path):
+def test_sweep_survives_kill_reports_failure_and_collects(
+    tmp_path, experiment_file, wait_for, attempts
+):
     """4 runs, 2 at a time: two short ones, one diverging (NaN), one long one that is killed."""
     sweep = [
         {"sparsity.target": 0.5},
@@ -85,7 +43,10 @@ def test_sweep_survives_kill_reports_failure_and_collects(tmp_path):
         {"sparsity.target": 0.5, "train.lr": 1e9},  # diverges: NaN loss
         {"sparsity.target": 0.5, "train.steps": 100},
     ]
-    exp, root = write_experiment(tmp_path, sweep, steps=10, every=10), tmp_path / "root"
+    exp, root = (
+        experiment_file(tmp_path, sweep, steps=10, log_every=10, ckpt_every=10),
+        tmp_path / "root",
+    )
     ok, nan, long = (
         ["target-0.5", "target-0.75"],
         "target-0.5_lr-1e+09",
@@ -98,14 +59,14 @@ def test_sweep_survives_kill_reports_failure_and_collects(tmp_path):
     #    committed checkpoints (the short runs are done by then)
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch", *args],
-        env=launcher_env(),
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),  # one CPU device per run
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     ckpts = root / long / "checkpoints"
     try:
-        _wait_for(
+        wait_for(
             lambda: len([p for p in ckpts.glob("*") if (p / "commit_success.txt").exists()]) >= 2,
             400,
             "two checkpoints of the long run",
@@ -175,7 +136,7 @@ def test_sweep_survives_kill_reports_failure_and_collects(tmp_path):
     assert len([a for a in attempts(root, nan) if a["outcome"] != "interrupted"]) == 2
 
 
-def test_sweep_runs_block_sparse_path_stacked(tmp_path):
+def test_sweep_runs_block_sparse_path_stacked(tmp_path, experiment_file, attempts):
     """A launched sweep with `sparsity.impl = "block"`: two targets train as one stacked job that
     switches to block-sparse layers, with the same eval loss as the masked path trained here."""
     from launch.sweep import apply_overrides, load_experiment
@@ -190,7 +151,10 @@ def test_sweep_runs_block_sparse_path_stacked(tmp_path):
         "sparsity.switch_density": 0.6,
     }
     sweep = [{**block, "sparsity.target": s} for s in (0.5, 0.75)]
-    exp, root = write_experiment(tmp_path, sweep, steps=8, every=4), tmp_path / "root"
+    exp, root = (
+        experiment_file(tmp_path, sweep, steps=8, log_every=4, ckpt_every=4),
+        tmp_path / "root",
+    )
     result = launch("run", f"{exp}:smoke", "--root", str(root), "--jobs", "1", "--stack", "4")
     assert result.returncode == 0, result.stderr[-2000:]
     logs = "".join(p.read_text() for p in (root / ".stacks").glob("*.log"))

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 from slurm_cluster import SlurmCluster, missing_reason
-from test_launch_local import attempts, launcher_env, write_experiment
 
 from sparsescale import run_files
 
@@ -15,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory):
+def slurm_env(tmp_path_factory, launcher_env):
     reason = missing_reason()
     if reason:
         pytest.skip(reason)
@@ -25,13 +24,18 @@ def slurm_env(tmp_path_factory):
     cluster.stop()
 
 
-def test_slurm_array_and_two_task_jax_distributed_job(tmp_path, slurm_env):
+def test_slurm_array_and_two_task_jax_distributed_job(
+    tmp_path, slurm_env, attempts, experiment_file
+):
     sweep = [
         {"train.seed": 0},
         {"train.seed": 0, "launch.tasks": 2},  # 2 processes, jax.distributed over Slurm
         {"train.seed": 0, "train.lr": 1e9},  # NaN: fails, reported with the trainer's error
     ]
-    exp, root = write_experiment(tmp_path, sweep, steps=6, every=3), tmp_path / "root"
+    exp, root = (
+        experiment_file(tmp_path, sweep, steps=6, log_every=3, ckpt_every=3),
+        tmp_path / "root",
+    )
     args = ["run", f"{exp}:smoke", "--root", str(root), "--backend", "slurm", "--poll", "1"]
     done = subprocess.run(
         [sys.executable, "-m", "launch", *args, "--max-retries", "0"],
