@@ -126,9 +126,9 @@ def build(
     block_budgets: dict[str, int] | None = None,
 ) -> Trainer:
     """Compiled init/step/eval for `cfg`; with `num_variants=K`, for K stacked variants of it
-    (a leading variant axis; init and step then take `variant_inputs(...)`, see `_over_variants`).
+    (a leading variant axis; init and step then take `stacking.variant_inputs(...)`).
     `block_budgets` ({layer path: tiles per block-column}) runs those layers block-sparse (see
-    `block_budgets_of`); the state layout does not change."""
+    `block_phase.block_budgets_of`); the state layout does not change."""
     mesh = shard_lib.make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.rules
     batch_axes = dict(rules).get("batch") or ()
