@@ -59,6 +59,8 @@ class SweepEta:
     def text(self) -> str:
         where = f"{self.lanes} runs at a time" if self.lanes else "not running; one run at a time"
         missing = f", {self.unknown} runs without a rate not counted" if self.unknown else ""
+        if self.seconds == 0 and self.unknown:
+            return f"sweep eta unknown until a run reports its speed ({where}{missing})"
         return f"sweep eta {_duration(self.seconds)} ({where}; {self.source}{missing})"
 
 

@@ -317,6 +317,9 @@ def test_sweep_eta_and_compact_view(tmp_path):
     assert no_cal.lanes is None and no_cal.unknown == 1
     assert no_cal.text().startswith("sweep eta ") and "not running" in no_cal.text()
     assert "1 runs without a rate not counted" in no_cal.text()
+    # no rate for any run yet (a fresh sweep): unknown, not "0m00s"
+    fresh = status.SweepEta(seconds=0.0, lanes=2, unknown=90, source="measured rates")
+    assert fresh.text().startswith("sweep eta unknown until a run reports its speed")
 
 
 def test_collect_writes_finished_runs(tmp_path):
