@@ -1,8 +1,9 @@
 """Figure 1 — do larger models tolerate higher sparsity, and in which training regime?
 
 Command:  python -m experiments.reproduce fig1_size --preset quick
-Runtime:  smoke ≈ 2 min; quick ≈ 40 min on 2 CPU cores (65 runs); medium ≈ 10 h (background);
-          full: accelerators.
+Runtime:  smoke ≈ 2 min; quick ≈ 20 min on 2 CPU cores (90 runs, stacked; 19 min measured);
+          medium ≈ 33–56 h serial at measured throughput (not the 10 h once estimated; its two
+          smallest "scaled" sizes duplicate their "fixed" runs: to be redesigned); full: accelerators.
 Design:   5 sizes spanning ≥ 30× in non-embedding parameters (quick: 6K–330K, 54×) × sparsity
           {0, 50, 75, 87.5, 93.75}% unstructured, gradual magnitude pruning under one matched
           schedule (cubic, 25%→75% of training), two seeds for the sizes ≤ 150K (quick), in two
