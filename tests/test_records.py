@@ -12,21 +12,7 @@ from launch import records, sweep
 from sparsescale import config as config_lib
 from sparsescale import run_files
 
-EXPERIMENT = """
-from experiments import common
-
-def get_config(arg):
-    c = common.smoke(common.base_config())
-    c.experiment = "records"
-    c.sparsity.structure = "unstructured"
-    c.train.steps = 4
-    c.train.log_every = 2
-    c.train.ckpt_every = 4
-    return c
-
-def get_sweep(arg):
-    return [{"sparsity.target": 0.5}, {"sparsity.target": 0.75}, {"sparsity.target": 0.875}]
-"""
+SWEEP = [{"sparsity.target": 0.5}, {"sparsity.target": 0.75}, {"sparsity.target": 0.875}]
 
 
 def _summary(run_id: str, config_hash: str) -> dict:
@@ -40,15 +26,14 @@ def _summary(run_id: str, config_hash: str) -> dict:
     }
 
 
-def _sweep(tmp_path) -> sweep.Sweep:
-    exp = tmp_path / "records_exp.py"
-    exp.write_text(EXPERIMENT)
-    return sweep.expand(f"{exp}:smoke")
+def _sweep(experiment_file, tmp_path) -> tuple[sweep.Sweep, str]:
+    exp = experiment_file(tmp_path, SWEEP, steps=4, log_every=2, ckpt_every=4)
+    return sweep.expand(f"{exp}:smoke"), str(exp)
 
 
-def test_record_round_trip_thins_the_curve(tmp_path):
+def test_record_round_trip_thins_the_curve(tmp_path, experiment_file):
     root = tmp_path / "root"
-    sweep.save_sweep(root, _sweep(tmp_path))
+    sweep.save_sweep(root, _sweep(experiment_file, tmp_path)[0])
     a = "target-0.5"
     workdir = root / a
     workdir.mkdir(parents=True)
@@ -71,9 +56,8 @@ def test_record_round_trip_thins_the_curve(tmp_path):
     assert records.code_version(tmp_path) == "unknown"  # not a git repository
 
 
-def test_sweep_trains_only_runs_without_a_matching_record(tmp_path):
-    expanded = _sweep(tmp_path)
-    exp = tmp_path / "records_exp.py"
+def test_sweep_trains_only_runs_without_a_matching_record(tmp_path, experiment_file):
+    expanded, exp = _sweep(experiment_file, tmp_path)
     ids = [r.run_id for r in expanded.runs]
     hashes = [config_lib.run_config(c).hash() for c in expanded.configs]
     recs, root = tmp_path / "records", tmp_path / "root"
