@@ -24,6 +24,7 @@ kernels then run in interpret mode, so CPU times say nothing about the kernels).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -346,15 +347,14 @@ def train_step_case(
     states = {"dense": trainers["dense"].init_fn(), "block": masked_state}
     tokens = np.random.default_rng(0).integers(0, 256, (batch, seq + 1), dtype=np.int32)
     batch_arr = step_lib.global_batch(trainers["dense"], tokens)
-    times = {name: [] for name in trainers}
-    for i in range(steps + 2):
-        for name, tr in trainers.items():
-            t = time.perf_counter()
-            states[name], metrics = tr.step_fn(states[name], batch_arr)
-            jax.block_until_ready(metrics)
-            if i >= 2:  # compile + warm-up
-                times[name].append(time.perf_counter() - t)
-    med = {name: float(np.median(v)) for name, v in times.items()}
+
+    def advance(name):  # one step of `name`, threading its donated state
+        states[name], metrics = trainers[name].step_fn(states[name], batch_arr)
+        return metrics
+
+    med = common.time_interleaved(
+        {name: functools.partial(advance, name) for name in trainers}, repeats=steps, warmup=2
+    )
     n_tokens = batch * seq
     dense_flops = accounting.run_accounting(dense_cfg)["flops_per_token"]
     model_flops_per_s = dense_flops * n_tokens / med["dense"]
