@@ -123,15 +123,18 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def write_metrics(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Replaces a metrics.jsonl with `rows`, one JSON object per line, atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
     """Keeps the lines up to `last_step` (those a resumed run will not write again), atomically."""
-    path = Path(path)
-    if not path.exists():
-        return
-    kept = [json.dumps(r) for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    if Path(path).exists():
+        write_metrics(path, [r for r in read_metrics(path) if r.get("step", 0) <= last_step])
 
 
 def write_summary(workdir: str | os.PathLike, row: dict) -> dict:

@@ -60,9 +60,7 @@ class MetricsLog:
         if not self.path.exists():
             if len(self.rows) > 1:
                 log.warning("%s vanished; rewriting its %d lines.", self.path, len(self.rows))
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-            tmp.replace(self.path)
+            rf.write_metrics(self.path, self.rows)
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
