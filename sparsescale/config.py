@@ -12,6 +12,7 @@ import hashlib
 import json
 
 import ml_collections
+from flax import traverse_util
 
 from sparsescale import data as data_lib
 from sparsescale import model as model_lib
@@ -177,17 +178,10 @@ def run_config(config: ml_collections.ConfigDict | dict) -> RunConfig:
     )
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
 def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
     """Dotted fields in which `cfg` differs from a saved config.json, less RESULT_NEUTRAL ones."""
-    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    old = traverse_util.flatten_dict(saved, sep=".")
+    new = traverse_util.flatten_dict(cfg.to_dict(), sep=".")
     neutral = lambda k: any(k == n or k.startswith(n + ".") for n in RESULT_NEUTRAL)  # noqa: E731
     return sorted(
         f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"

@@ -2,7 +2,7 @@
 
 import jax
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 
 from sparsescale import accounting
 from sparsescale import model as model_lib
@@ -24,7 +24,7 @@ def test_param_counts_match_built_model(overrides):
     cfg = model_lib.preset("cpu_100k", **overrides)
     model = nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    sizes = {"/".join(map(str, k)): v.size for k, v in _flat(params).items()}
+    sizes = {"/".join(map(str, k)): v.size for k, v in traverse_util.flatten_dict(params).items()}
     counts = accounting.param_counts(cfg)
     assert counts["total"] == sum(sizes.values())
     embedding = sum(v for k, v in sizes.items() if k.startswith(("embed", "unembed", "pos_embed")))
@@ -36,16 +36,6 @@ def test_param_counts_match_built_model(overrides):
     assert counts["active"] == counts["total"] - unused  # a token uses top_k of E experts
     half = accounting.param_counts(cfg, 0.5)
     assert half["nonzero"] == counts["total"] - prunable // 2
-
-
-def _flat(d, prefix=()):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, (*prefix, k)))
-        else:
-            out[(*prefix, k)] = v
-    return out
 
 
 def test_flops_per_token_hand_count():
