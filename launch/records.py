@@ -26,7 +26,6 @@ from launch.sweep import Sweep, read_sweep_json
 from sparsescale import run_files
 
 CURVE_POINTS = 50
-FROM_RECORD = "from_record.json"  # in a workdir: its summary.json came from this record
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -77,7 +76,7 @@ def write_records(root: Path, records: Path) -> list[Path]:
     written = []
     for entry in read_sweep_json(root)["runs"]:
         workdir = root / entry["run_id"]
-        if not (workdir / run_files.SUMMARY).exists() or (workdir / FROM_RECORD).exists():
+        if not (workdir / run_files.SUMMARY).exists() or (workdir / run_files.FROM_RECORD).exists():
             continue
         records.mkdir(parents=True, exist_ok=True)
         path = records / f"{entry['run_id']}.json"
@@ -107,7 +106,7 @@ def materialise(sweep: Sweep, root: Path, records: Path, out: IO[str] = sys.stde
             )
             continue
         workdir.mkdir(parents=True, exist_ok=True)
-        run_files.write_json_atomic(workdir / FROM_RECORD, record)
+        run_files.write_json_atomic(workdir / run_files.FROM_RECORD, record)
         run_files.write_json_atomic(workdir / run_files.SUMMARY, record["summary"])
         done.append(run.run_id)
     return done

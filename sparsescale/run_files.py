@@ -32,6 +32,7 @@ SUMMARY = "summary.json"
 FAILED = "failed.json"
 LOCK = ".lock"
 LAUNCH = "launch.json"  # written by the launcher (launch/state.py) next to the trainer's files
+FROM_RECORD = "from_record.json"  # launcher: this summary.json came from a committed record
 
 # summary.json, in this order; `launch collect` tables and `analysis.load` use the same columns.
 # Parameter counts: "nonembedding" excludes the token (and position) embeddings, which are never

@@ -97,8 +97,9 @@ class Trainer:
 
     def batch(self, local_batches: list[np.ndarray]) -> jax.Array:
         """The global batch from each variant's process-local batch."""
-        local = local_batches[0] if self.num_variants is None else np.stack(local_batches)
-        return jax.make_array_from_process_local_data(self.batch_sharding, local)
+        return global_batch(
+            self, local_batches[0] if self.num_variants is None else np.stack(local_batches)
+        )
 
     def init(self, variants: dict | None = None) -> dict:
         return self.init_fn() if self.num_variants is None else self.init_fn(variants)

@@ -83,7 +83,7 @@ def test_sweep_trains_only_runs_without_a_matching_record(tmp_path, experiment_f
     assert "ignored, the run trains" in result.stderr
     assert f"{ids[0]}: done, from its record" in result.stdout
     assert run_files.load_json(root / ids[0] / run_files.SUMMARY) == matching["summary"]
-    assert (root / ids[0] / records.FROM_RECORD).exists()
+    assert (root / ids[0] / run_files.FROM_RECORD).exists()
     assert not (root / ids[0] / run_files.LAUNCH).exists()  # never started
     for run_id in ids[1:]:  # the stale record's run and the unrecorded one trained
         assert run_files.load_json(root / run_id / run_files.SUMMARY)["eval_loss"] != 2.5
