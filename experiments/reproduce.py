@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"  # committed results: figures/<figure>/<preset>/ and RESULTS.md
 FIGURES = (
+    "headline",
     "fig1_size",
     "fig2_structure",
     "fig3_moe",

@@ -54,14 +54,11 @@ def plan(
     sweep: Sweep, runs: Sequence[Run], root: Path, jobs: int, max_stack: int | None = None
 ) -> list[list[Run]]:
     """The jobs to start for `runs`: stacks of compatible fresh runs, each at most the measured
-    (or given) size, split further while there are fewer jobs than `jobs` slots. Runs that have
-    checkpoints resume alone, so no finished work is redone."""
-    try:
-        from sparsescale.accounting import param_counts
-        from sparsescale.stacking import stack_groups
-    except ImportError:  # before the trainer split
-        from sparsescale.model import param_counts
-        from sparsescale.train import stack_groups
+    (or given) size, split further while there are fewer jobs than `jobs` slots, longest first
+    (dense training FLOPs). Runs that have checkpoints resume alone, so no finished work is
+    redone."""
+    from sparsescale.accounting import flops_per_token, param_counts
+    from sparsescale.stacking import stack_groups
 
     fresh = [r for r in runs if not has_checkpoint(root / r.run_id)]
     planned = [[r] for r in runs if r not in fresh]
@@ -79,7 +76,20 @@ def plan(
         largest = max(chunks, key=len)
         chunks.remove(largest)
         chunks += _split(largest, 2)
-    return planned + sorted(chunks, key=len, reverse=True)
+    index = {r.run_id: i for i, r in enumerate(fresh)}
+
+    def dense_flops(job):  # what a masked job computes, whatever its sparsity
+        cs = [cfgs[index[r.run_id]] for r in job]
+        return sum(
+            flops_per_token(c.model, c.data.seq_len, 0.0)
+            * c.train.steps
+            * c.data.batch_size
+            * c.data.seq_len
+            for c in cs
+        )
+
+    # Longest first, so the last job to start is a short one.
+    return planned + sorted(chunks, key=lambda job: (-dense_flops(job), -len(job)))
 
 
 def stack_id(runs: Sequence[Run]) -> str:

@@ -8,6 +8,7 @@ shared step counter; `over_variants` runs a one-run step over it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 
@@ -95,6 +96,40 @@ def variant_inputs(cfgs: list, pruner: pruner_lib.Pruner) -> dict:
         "seed": np.array([c.train.seed for c in cfgs], np.int32),
         "prune_seed": np.array([c.sparsity.seed for c in cfgs], np.int32),
         "final_sparsity": {k: np.array(v, np.float32) for k, v in final.items()},
+    }
+
+
+def shared_prefix(cfgs: list) -> tuple[int, list[int], list[int]]:
+    """(P, reps, slot): the first P steps of stacked runs `cfgs` are the same computation for
+    every variant with the same seeds and data (gradual or one-shot magnitude pruning keeps every
+    mask dense until the schedule starts; the target enters only then), so those steps need train
+    only `reps`, one member index per distinct (seeds, data); member k's state is `reps`
+    variant `slot[k]`. `(0, [], [])` when nothing is shared. Branching the variants from that
+    prefix is bit-identical to training each from step 0."""
+    starts = []
+    for c in cfgs:
+        s = c.sparsity
+        if s.structure is None:
+            continue
+        gradual = s.schedule.kind in ("gradual", "one_shot") and s.method in ("magnitude", "random")
+        starts.append(min(s.schedule.steps(c.train.steps)[0], c.train.steps - 1) if gradual else 0)
+    prefix = min(starts, default=0)
+    keys = [
+        json.dumps([c.train.seed, c.sparsity.seed, dataclasses.asdict(c.data)], default=str)
+        for c in cfgs
+    ]
+    distinct = list(dict.fromkeys(keys))
+    if prefix <= 0 or len(distinct) == len(cfgs):
+        return 0, [], []
+    return prefix, [keys.index(k) for k in distinct], [distinct.index(k) for k in keys]
+
+
+def take_variants(state: dict, index: list[int]) -> dict:
+    """The stacked `state` with variants `index` (in that order) along its leading axis."""
+    idx = np.asarray(index)
+    return {
+        **jax.tree.map(lambda x: x[idx], {k: v for k, v in state.items() if k != "step"}),
+        "step": state["step"],
     }
 
 

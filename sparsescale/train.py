@@ -266,6 +266,22 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
     state, start, wall_before = _restore(
         trainer, base, members, stacked, [streams[k] for k in keys]
     )
+    # The shared prefix: until `fork_at`, train one variant per distinct seed and data (`active`);
+    # member k reads variant `slot[k]`. At `fork_at` every member branches from its copy.
+    fork_at, reps, shared_slot = stacking.shared_prefix(cfgs) if stacked else (0, [], [])
+    fork_at = min([fork_at, *block_steps])
+    full = (trainer, variants)
+    active, slot = list(range(len(cfgs))), list(range(len(cfgs)))
+    if start < fork_at:
+        active, slot = reps, shared_slot
+        trainer = step_lib.build(base, num_variants=len(reps))
+        variants = stacking.variant_inputs([cfgs[r] for r in reps], trainer.pruner)
+        log.info(
+            "Training the shared prefix (steps %d-%d) once for %d of %d stacked runs.",
+            start, fork_at, len(reps), len(cfgs),
+        )  # fmt: skip
+        if state is not None:
+            state = jax.device_put(stacking.take_variants(state, reps), trainer.state_shardings)
     if state is None:
         if any(m.checkpointer.manager.all_steps() for m in members):
             log.warning("No checkpoint restores for every run; starting from step 0.")
@@ -299,10 +315,15 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
         trainer = to_block_path(start)
     try:
         for step in range(start, optim.steps):
+            if step == fork_at and len(active) < len(cfgs) and step != start:
+                trainer, variants = full
+                state = jax.device_put(stacking.take_variants(state, slot), trainer.state_shardings)
+                active, slot, compiled_at = list(range(len(cfgs))), list(range(len(cfgs))), step
+                log.info("Step %d: forked %d runs from the shared prefix.", step, len(cfgs))
             if step in block_steps and step != start:
                 trainer, compiled_at = to_block_path(step), step
             fresh = {k: next(it) for k, it in streams.items()}  # one draw per data stream
-            batch = trainer.batch([fresh[k] for k in keys])
+            batch = trainer.batch([fresh[keys[k]] for k in active])
             state, metrics = trainer.step(state, batch, variants)
             done = step + 1
             if step == compiled_at:  # keep compilation out of the throughput numbers
@@ -321,7 +342,7 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
             step_time = (now - t_last) / max(done - step_last, 1) if done > step_last else 0.0
             t_last, step_last = now, done
             for k, m in enumerate(members):
-                loss = float(values["train/loss"][k])
+                loss = float(values["train/loss"][slot[k]])
                 if not m.failed and not math.isfinite(loss):
                     _fail(m, f"non-finite training loss {loss} at step {done}", is_main)
             live = [k for k, m in enumerate(members) if not m.failed]
@@ -329,11 +350,12 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
                 break
             eval_losses = None
             if eval_now or done == optim.steps:
-                eval_losses = trainer.evaluate(state, [evals[k] for k in keys])
+                eval_losses = trainer.evaluate(state, [evals[keys[k]] for k in active])
+                eval_losses = [eval_losses[i] for i in slot]
             for k in live:
                 m = members[k]
                 row = {
-                    n: float(v[k])
+                    n: float(v[slot[k]])
                     for n, v in values.items()
                     if m.cfg.sparsity.structure is not None or not n.startswith("sparsity/")
                 }
@@ -365,7 +387,7 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
                     if done not in m.checkpointer.manager.all_steps():  # else: saved before a kill
                         m.checkpointer.save(
                             done,
-                            trainer.variant_state(state, k),
+                            trainer.variant_state(state, slot[k]),
                             streams[keys[k]],
                             {"wall_time_s": wall, "fingerprint": m.fingerprint},
                         )

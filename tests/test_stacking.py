@@ -1,6 +1,8 @@
 """Stacked training (K runs in one vmapped step) against the same runs trained one by one."""
 
+import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +139,59 @@ def _job(tmp_path: Path, name: str, steps: int) -> Path:
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps({"runs": runs}))
     return path
+
+
+FORKED = (  # seed 0 shares one prefix three ways; seed 1 trains its own
+    {"sparsity.target": 0.5},
+    {"sparsity.target": 0.875},
+    {"sparsity.structure": "dense", "sparsity.target": 0.0},
+    {"sparsity.target": 0.75, "train.seed": 1, "data.seed": 1, "sparsity.seed": 1},
+)
+
+
+def test_shared_prefix_is_trained_once_and_forks_bit_identically(
+    tmp_path, monkeypatch, final_state, metric_lines, smoke_config
+):
+    common = {"train.steps": 16, "train.log_every": 1, "train.ckpt_every": 2,
+              "sparsity.schedule.start": 0.25, "sparsity.schedule.every": 2}  # fmt: skip
+    cfgs = [
+        config_lib.run_config(smoke_config(**{**common, **v, "run_id": f"v{i}"}))
+        for i, v in enumerate(FORKED)
+    ]
+    cfgs = [dataclasses.replace(c, train=dataclasses.replace(c.train, keep_ckpts=10)) for c in cfgs]
+    assert stacking.shared_prefix(cfgs) == (4, [0, 3], [0, 0, 0, 1])  # pruning starts at step 4
+    with monkeypatch.context() as m:  # the reference: every variant trained from step 0
+        m.setattr(stacking, "shared_prefix", lambda cfgs: (0, [], []))
+        ref = train.run_stack(cfgs, [tmp_path / "ref" / c.run_id for c in cfgs])
+    forked = train.run_stack(cfgs, [tmp_path / "fork" / c.run_id for c in cfgs])
+
+    # Resume inside the prefix: the forked job's files as they stood at step 2.
+    for c in cfgs:
+        src, dst = tmp_path / "fork" / c.run_id, tmp_path / "resumed" / c.run_id
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("summary.json", ".lock"))
+        for d in (dst / "checkpoints").iterdir():
+            if d.name.isdigit() and int(d.name) > 2:
+                shutil.rmtree(d)
+    resumed = train.run_stack(cfgs, [tmp_path / "resumed" / c.run_id for c in cfgs])
+
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]  # noqa: E731
+    for k, c in enumerate(cfgs):
+        want = strip(metric_lines(tmp_path / "ref" / c.run_id))
+        assert [r["step"] for r in want] == list(range(1, 17))
+        for run, summaries in (("fork", forked), ("resumed", resumed)):
+            assert strip(metric_lines(tmp_path / run / c.run_id)) == want, (run, c.run_id)
+            assert summaries[k]["eval_loss"] == ref[k]["eval_loss"]
+            assert summaries[k]["train_loss"] == ref[k]["train_loss"]
+            (_, a), (_, b) = (
+                final_state(tmp_path / "ref" / c.run_id),
+                final_state(tmp_path / run / c.run_id),
+            )
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    sparsities = [
+        metric_lines(tmp_path / "fork" / f"v{i}")[-1].get("sparsity/overall") for i in (0, 1)
+    ]
+    assert sparsities[0] < sparsities[1]  # the variants did branch
 
 
 @pytest.mark.slow
