@@ -4,7 +4,8 @@
       summary        the run's summary.json (run_files.SUMMARY_COLUMNS)
       curve          the learning curve thinned to <= CURVE_POINTS rows {step, train_loss, eval_loss}
       config_hash    RunConfig.hash() of the run that produced it
-      code_version   `git describe --always --dirty` of the code that produced it, or "unknown"
+      code_version   `git describe --always --dirty` of the code that trained it (from the
+                     attempt in launch.json that finished it; else of the code writing the record)
 
 `write_records` (`launch collect --records`) writes one per finished run. `materialise`
 (`launch run --records`) marks a run done, without training, when its record's config_hash is the
@@ -15,33 +16,17 @@ warning. `results_frame` rebuilds a results table from records alone.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 from typing import IO, Any
 
 import pandas as pd
 
+from launch import state
 from launch.sweep import Sweep, read_sweep_json
 from sparsescale import run_files
 
 CURVE_POINTS = 50
-REPO = Path(__file__).resolve().parents[1]
-
-
-def code_version(repo: Path = REPO) -> str:
-    """`git describe --always --dirty` of `repo`, or "unknown" outside git."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def thin_curve(metrics: list[dict], points: int = CURVE_POINTS) -> list[dict]:
@@ -57,8 +42,17 @@ def thin_curve(metrics: list[dict], points: int = CURVE_POINTS) -> list[dict]:
     ]
 
 
+def trained_by(workdir: Path) -> str | None:
+    """The code version of the launch attempt that finished the run in `workdir`, if known."""
+    attempts = state.read_launch_state(Path(workdir))[0]["attempts"]
+    done = [a for a in attempts if a.get("outcome") == state.DONE and a.get("code_version")]
+    return done[-1]["code_version"] if done else None
+
+
 def make_record(workdir: Path, version: str) -> dict[str, Any]:
-    """The record of the finished run in `workdir` (its summary.json must exist)."""
+    """The record of the finished run in `workdir` (its summary.json must exist); `version` names
+    the code when its launch record does not."""
+    version = trained_by(workdir) or version
     summary = run_files.load_json(Path(workdir) / run_files.SUMMARY)
     metrics = run_files.read_metrics(Path(workdir) / run_files.METRICS)
     return {
@@ -72,7 +66,7 @@ def make_record(workdir: Path, version: str) -> dict[str, Any]:
 def write_records(root: Path, records: Path) -> list[Path]:
     """One record per finished run of the sweep at `root` (runs that came from a record keep it)."""
     root, records = Path(root), Path(records)
-    version = code_version()
+    version = state.code_version()
     written = []
     for entry in read_sweep_json(root)["runs"]:
         workdir = root / entry["run_id"]

@@ -56,12 +56,12 @@ def plan(
     """The jobs to start for `runs`: stacks of compatible fresh runs, each at most the measured
     (or given) size, split further while there are fewer jobs than `jobs` slots, longest first
     (dense training FLOPs). Runs that have checkpoints resume alone, so no finished work is
-    redone."""
+    redone; an interrupted stacked job resumes as the same stack."""
     from sparsescale.accounting import flops_per_token, param_counts
     from sparsescale.stacking import stack_groups
 
     fresh = [r for r in runs if not has_checkpoint(root / r.run_id)]
-    planned = [[r] for r in runs if r not in fresh]
+    planned = resumed_stacks([r for r in runs if r not in fresh], root)
     if max_stack == 1 or len(fresh) < 2:
         return planned + [[r] for r in fresh]
     cfgs = [resolved_config(sweep, r) for r in fresh]
@@ -90,6 +90,25 @@ def plan(
 
     # Longest first, so the last job to start is a short one.
     return planned + sorted(chunks, key=lambda job: (-dense_flops(job), -len(job)))
+
+
+def resumed_stacks(runs: Sequence[Run], root: Path) -> list[list[Run]]:
+    """Runs with checkpoints, as the jobs that resume them: a stacked job's runs together again
+    (the same compiled step, so the same numbers as if never interrupted) when every one of them
+    is to resume, else each alone."""
+    from launch import state
+
+    stacks: dict[str, list[Run]] = {}
+    for r in runs:
+        attempts = state.read_launch_state(root / r.run_id)[0]["attempts"]
+        last = attempts[-1] if attempts else {}
+        key = f"{last.get('stack')}/{last.get('stacked')}" if last.get("stack") else r.run_id
+        stacks.setdefault(key, []).append(r)
+    jobs = []
+    for key, members in stacks.items():
+        whole = "/" in key and len(members) == int(key.rsplit("/", 1)[1])
+        jobs += [members] if whole else [[r] for r in members]
+    return jobs
 
 
 def stack_id(runs: Sequence[Run]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import getpass
 import os
 import re
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from sparsescale import run_files
+
+REPO = Path(__file__).resolve().parents[1]
 
 LAUNCH_FILE = run_files.LAUNCH
 
@@ -74,8 +77,25 @@ def edit_launch_state(workdir: Path) -> Iterator[dict[str, Any]]:
         run_files.write_json_atomic(workdir / LAUNCH_FILE, state)
 
 
+@functools.cache
+def code_version(repo: Path = REPO) -> str:
+    """`git describe --always --dirty` of the launcher's own checkout, or "unknown" outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
 def begin_attempt(workdir: Path, backend: str, **fields: Any) -> int:
-    """Append an open attempt (closing dead open ones as interrupted); returns its 1-based number."""
+    """Append an open attempt (closing dead open ones as interrupted), naming the code version
+    that runs it; returns its 1-based number."""
     with edit_launch_state(workdir) as state:
         for attempt in state["attempts"]:
             if attempt.get("ended") is None:  # its process is gone (checked by the caller)
@@ -83,6 +103,7 @@ def begin_attempt(workdir: Path, backend: str, **fields: Any) -> int:
         n = len(state["attempts"]) + 1
         state["attempts"].append(
             {"n": n, "backend": backend, "submitted": now_iso(), "started": None, "ended": None}
+            | {"code_version": code_version()}
             | fields
         )
     return n

@@ -77,6 +77,7 @@ def main(argv):
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from sparsescale import config, train
 
+    train.use_compilation_cache()
     log = logging.getLogger("sparsescale")
     try:
         cfg = config.run_config(_CONFIG.value)  # validates before anything compiles

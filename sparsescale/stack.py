@@ -20,6 +20,8 @@ def main(argv: list[str]) -> int:
 
     from sparsescale import config, train
 
+    train.use_compilation_cache()
+
     job = json.loads(open(argv[1]).read())
     cfgs = [config.run_config(ml_collections.ConfigDict(r["config"])) for r in job["runs"]]
     summaries = train.run_stack(cfgs, [r["workdir"] for r in job["runs"]])

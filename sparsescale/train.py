@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -96,6 +97,22 @@ class _Member:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def use_compilation_cache(path: str | Path | None = None) -> Path | None:
+    """Keep compiled steps on disk (JAX's persistent compilation cache), so runs that differ only
+    in seed or target, and every resume, skip the compile. `path`, else $JAX_COMPILATION_CACHE_DIR,
+    else ~/.cache/sparsescale/jax; an empty $SPARSESCALE_COMPILATION_CACHE turns it off."""
+    if os.environ.get("SPARSESCALE_COMPILATION_CACHE", "1") == "":
+        return None
+    path = Path(
+        path
+        or jax.config.jax_compilation_cache_dir
+        or Path.home() / ".cache" / "sparsescale" / "jax"
+    )
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
 
 
 def _data_key(cfg: RunConfig) -> str:

@@ -115,6 +115,16 @@ def test_temporary_checkpoint_dirs_are_not_checkpoints(tmp_path, experiment_file
     planned = stacking.plan(expanded, list(expanded.runs), root, jobs=1, max_stack=4)
     assert planned == [[expanded.runs[0]], [expanded.runs[1]]]
 
+    # Both were one stacked job, and both resume: the same stack again (the same numbers).
+    job = stacking.stack_id(expanded.runs)
+    for r in expanded.runs:
+        (root / r.run_id / run_files.CHECKPOINTS / "10").mkdir(parents=True, exist_ok=True)
+        state.begin_attempt(root / r.run_id, "local", stacked=2, stack=job)
+    planned = stacking.plan(expanded, list(expanded.runs), root, jobs=2, max_stack=4)
+    assert planned == [list(expanded.runs)]
+    planned = stacking.plan(expanded, [expanded.runs[1]], root, jobs=2, max_stack=4)
+    assert planned == [[expanded.runs[1]]]  # its stack-mate is done or elsewhere: alone
+
 
 def _crafted_root(tmp_path: Path, runs) -> Path:
     root = tmp_path / "root"

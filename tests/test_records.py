@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from launch import records, sweep
+from launch import records, state, sweep
 from sparsescale import config as config_lib
 from sparsescale import run_files
 
@@ -45,7 +45,15 @@ def test_record_round_trip_thins_the_curve(tmp_path, experiment_file):
     (path,) = records.write_records(root, tmp_path / "records")  # the others have no summary
     record = run_files.load_json(path)
     assert path.name == f"{a}.json" and record["summary"] == _summary(a, "abc")
-    assert record["config_hash"] == "abc" and record["code_version"] != ""
+    assert record["config_hash"] == "abc"
+    assert record["code_version"] == state.code_version() != "unknown"  # no launch record: ours
+
+    # The version is the one that trained the run: the attempt that finished it names it.
+    n = state.begin_attempt(workdir, "local", code_version="1234abc")
+    state.finish_attempt(workdir, n, 0, since=0.0)
+    (path,) = records.write_records(root, tmp_path / "records")
+    assert run_files.load_json(path)["code_version"] == "1234abc"
+    record = run_files.load_json(path)
     curve = record["curve"]
     assert len(curve) == records.CURVE_POINTS
     assert curve[0] == {"step": 10, "train_loss": 4.99, "eval_loss": None}
@@ -53,7 +61,7 @@ def test_record_round_trip_thins_the_curve(tmp_path, experiment_file):
     assert len(path.read_bytes()) < 8000  # compact
     table = records.results_frame(tmp_path / "records")
     assert list(table["run_id"]) == [a] and list(table["status"]) == ["done"]
-    assert records.code_version(tmp_path) == "unknown"  # not a git repository
+    assert state.code_version.__wrapped__(tmp_path) == "unknown"  # not a git repository
 
 
 def test_sweep_trains_only_runs_without_a_matching_record(tmp_path, experiment_file):

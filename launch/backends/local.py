@@ -246,9 +246,12 @@ def _start(sweep: Sweep, runs: list[Run], root: Path, slots: list[list[int]], sl
     cpus = slots[slot]
     workdirs = [root / r.run_id for r in runs]
     attempts = []
+    stack = stacking.stack_id(runs) if len(runs) > 1 else None
     for workdir in workdirs:
         workdir.mkdir(parents=True, exist_ok=True)
-        attempts.append(state.begin_attempt(workdir, "local", cpus=cpus, stacked=len(runs)))
+        attempts.append(
+            state.begin_attempt(workdir, "local", cpus=cpus, stacked=len(runs), stack=stack)
+        )
     logs = [f for w, n in zip(workdirs, attempts, strict=True) for f in open_logs(w, n)]
     stderr = None
     if len(runs) == 1:
