@@ -126,6 +126,46 @@ def _value_axis(ax) -> None:
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
+def plot_gap_vs_budget(
+    cells: pd.DataFrame, budget: pd.DataFrame, path=None, subtitles=None
+) -> plt.Figure:
+    """Paired ΔL vs tokens per non-embedding parameter at fixed size, one panel per size trained
+    at several budgets (`gap.gap_cells`, `gap.budget_scaling`), with each cell's seed interval."""
+    if budget.empty:
+        raise ValueError("no size was trained at two or more token budgets")
+    sizes = sorted(budget[SIZE].unique())
+    colors = _sparsity_colors(cells["sparsity"])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.0 * len(sizes), 5.4), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        sub = cells[cells[SIZE] == size]
+        for s, color in colors.items():
+            pts = sub[sub["sparsity"] == s].sort_values("tokens")
+            row = budget[(budget[SIZE] == size) & (budget["sparsity"] == s)]
+            if pts.empty or row.empty:
+                continue
+            r = row.iloc[0]
+            err = np.stack([pts["gap"] - pts["lo"], pts["hi"] - pts["gap"]])
+            err = np.where(np.isfinite(err), err, 0).clip(0)
+            label = f"S={s:g}, γ={r['gamma']:.2g} [{r['lo']:.2g}, {r['hi']:.2g}]"
+            ax.errorbar(pts["tokens"] / size, pts["gap"], yerr=err, fmt="o-", ms=4, lw=1,
+                        color=color, label=label, zorder=3)  # fmt: skip
+        ax.set(xscale="log", xlabel="tokens per non-embedding parameter D/N",
+               title=f"N = {size / 1e3:.1f}K non-embedding parameters")  # fmt: skip
+        budgets = sorted((sub["tokens"] / size).unique())
+        ax.set_xticks(budgets, [f"{b:.3g}" for b in budgets])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if (sub["gap"] > 0).all():
+            _value_axis(ax)
+        else:
+            ax.axhline(0, color="k", lw=0.8)
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, title="bars: 95% seed interval; γ: ΔL ∝ D^−γ within seeds",
+                  title_fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # fmt: skip
+    axes[0, 0].set_ylabel("ΔL = L_sparse − L_dense, same seed (nats)")
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def plot_loss_gap(
     cells: pd.DataFrame, scaling: pd.DataFrame | None = None, path=None, subtitles=None
 ) -> plt.Figure:

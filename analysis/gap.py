@@ -147,6 +147,47 @@ def gap_scaling(cells: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
     return _sort(pd.DataFrame(rows), "sparsity") if rows else pd.DataFrame(rows)
 
 
+def budget_scaling(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
+    """Per (task, size, S) trained at ≥ 2 token budgets D: γ of log ΔL = c − γ·log D, fitted
+    within each seed (paired gaps), then the mean over seeds with its t-interval (n_seeds − 1
+    degrees of freedom). γ > 0: the gap shrinks with more tokens at fixed N. Verdict: shrinks
+    (interval above 0), grows (below 0), inconclusive (contains 0, or < 2 seeds). Seeds with a
+    gap ≤ 0 at some budget cannot enter the log and are counted in `n_nonpositive`."""
+    rows = []
+    for (task, size, s), sub in pairs.groupby(["task", SIZE, "sparsity"]):
+        if sub["tokens"].nunique() < 2:
+            continue
+        gammas, nonpositive = [], 0
+        for _, seed in sub.groupby("seed"):
+            if seed["tokens"].nunique() < 2:
+                continue
+            if (seed["gap"] <= 0).any():
+                nonpositive += 1
+                continue
+            x, y = np.log(seed["tokens"].to_numpy(float)), np.log(seed["gap"].to_numpy())
+            gammas.append(_slope(x, y)[0])
+        n = len(gammas)
+        gamma = float(np.mean(gammas)) if n else np.nan
+        half = (
+            scipy.stats.t.ppf((1 + ci_level) / 2, n - 1) * np.std(gammas, ddof=1) / np.sqrt(n)
+            if n >= 2
+            else np.nan
+        )
+        verdict = "inconclusive"
+        if n >= 2 and gamma - half > 0:
+            verdict = "shrinks"
+        elif n >= 2 and gamma + half < 0:
+            verdict = "grows"
+        rows.append({
+            "task": task, SIZE: size, "sparsity": s,
+            "tokens_min": float(sub["tokens"].min()), "tokens_max": float(sub["tokens"].max()),
+            "n_budgets": int(sub["tokens"].nunique()), "gamma": gamma, "lo": gamma - half,
+            "hi": gamma + half, "verdict": verdict, "n_seeds": n, "n_nonpositive": nonpositive,
+        })  # fmt: skip
+    out = pd.DataFrame(rows)
+    return out.sort_values(["task", SIZE, "sparsity"]).reset_index(drop=True) if rows else out
+
+
 def _slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """(β, intercept, standard error of β) of y = intercept − β x by least squares."""
     xc = x - x.mean()

@@ -187,6 +187,7 @@ def build_report(
         stale.unlink()  # a figure the data no longer support must not survive a rerun
     header_section(rep, df, title)
     gap_sections(rep, df)
+    budget_section(rep, df)
     sparse_law_section(rep, df)
     dense_law_sections(rep, df)
     structure_section(rep, df)
@@ -241,6 +242,34 @@ def header_section(rep: Report, df: pd.DataFrame, title: str) -> None:
             "Training-budget regimes:\n"
             + "\n".join(f"- {r['description']}" for r in regimes.values())
         )
+
+
+def budget_section(rep: Report, df: pd.DataFrame) -> None:
+    """How the paired gap changes with the token budget at fixed size (sizes trained at ≥ 2)."""
+    pairs = gap.paired_gaps(df)
+    level = rep.fit_config.ci_level
+    budget = gap.budget_scaling(pairs, level) if len(pairs) else pd.DataFrame()
+    if budget.empty:
+        return
+    rep.data["budget_scaling"] = records(budget)
+    rep.add(
+        "## How the gap changes with the token budget at fixed size",
+        f"Per size trained at several budgets D and per sparsity: log ΔL = c − γ·log D fitted "
+        f"within each seed, then the mean γ over seeds with its {level:.0%} t-interval. γ > 0: "
+        "more tokens shrink the gap. Verdict: shrinks / grows (interval excludes 0) or "
+        "inconclusive.",
+    )
+    cols = [SIZE, "sparsity", "tokens_min", "tokens_max", "n_budgets", "gamma", "lo", "hi",
+            "verdict", "n_seeds", "n_nonpositive"]  # fmt: skip
+    rep.add(markdown_table(budget[cols]))
+    cells = gap.gap_cells(pairs.assign(regime=""), level)
+    rep.figure(
+        "gap_vs_budget",
+        "Paired loss gap vs tokens per parameter at fixed size",
+        figures.plot_gap_vs_budget,
+        cells[cells[SIZE].isin(budget[SIZE])],
+        budget,
+    )
 
 
 def gap_sections(rep: Report, df: pd.DataFrame) -> None:

@@ -39,11 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-wait", action="store_true", help="slurm: submit and exit")
     run.add_argument("--poll", type=float, default=10.0, help="slurm: seconds between checks")
 
-    cal = sub.add_parser("calibrate", help="measure tokens/s per model for --dry-run times")
+    cal = sub.add_parser(
+        "calibrate", help="time each model's step as the planned jobs run it, for --dry-run"
+    )
     cal.add_argument("experiment")
     cal.add_argument("--root", required=True, type=Path)
-    cal.add_argument("--steps", type=int, default=8)
-    cal.add_argument("--threads", type=int, help="cores per run (default: measured)")
+    cal.add_argument("--jobs", type=int, help="concurrent jobs (default: measured)")
+    cal.add_argument("--threads", type=int, help="cores per job (default: measured)")
+    cal.add_argument("--stack", type=int, help="most runs per job (default: measured)")
 
     st = sub.add_parser("status", help="print the status table of a sweep root")
     st.add_argument("root", type=Path)
@@ -103,13 +106,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     expanded = sweep.expand(args.experiment)
+    jobs, threads, source = local.default_jobs_threads()
+    if args.jobs or args.threads:
+        jobs = args.jobs or max(1, len(local.available_cpus()) // args.threads)
+        threads = args.threads or max(1, len(local.available_cpus()) // jobs)
+        source = "--jobs/--threads"
+    if args.stack is not None and args.stack < 1:
+        raise sweep.SweepError(f"--stack must be ≥ 1, got {args.stack}")
     if args.command == "calibrate":
-        threads = args.threads or local.default_jobs_threads()[1]
-        for model, m in cost.calibrate(expanded, args.root, threads, args.steps).items():
-            print(f"{model}: {m['tokens_per_s']:.4g} tokens/s, {m['flops_per_s']:.4g} FLOP/s")
+        calibration = cost.calibrate(expanded, args.root, threads, jobs, args.stack)
+        for model, m in calibration.items():
+            steps = ", ".join(f"K={k}: {s:.3g} s" for k, s in m.get("step_s", {}).items())
+            print(f"{model}: step {steps}; start-up {m.get('startup_s', 0):.3g} s")
         return 0
     if args.dry_run:
-        print(cost.dry_run_table(expanded, args.root))
+        print(cost.dry_run_table(expanded, args.root, jobs, threads, args.stack))
         return 0
     if args.max_retries < 0:
         raise sweep.SweepError(f"--max-retries must be ≥ 0, got {args.max_retries}")
@@ -129,14 +140,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         failed = slurm.run_slurm(expanded, args.root, options)
     else:
-        jobs, threads, source = local.default_jobs_threads()
-        if args.jobs or args.threads:
-            jobs = args.jobs or max(1, len(local.available_cpus()) // args.threads)
-            threads = args.threads or max(1, len(local.available_cpus()) // jobs)
-            source = "--jobs/--threads"
         print(f"local backend: {jobs} jobs × {threads} threads ({source})", flush=True)
-        if args.stack is not None and args.stack < 1:
-            raise sweep.SweepError(f"--stack must be ≥ 1, got {args.stack}")
         options = local.LocalOptions(
             jobs, threads, args.max_retries, args.refresh, max_stack=args.stack
         )

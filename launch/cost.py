@@ -1,12 +1,14 @@
-"""Dry-run cost table: FLOPs from `sparsescale.accounting.estimate_cost`, time from a calibration.
+"""Dry-run cost table: FLOPs from `sparsescale.accounting.estimate_cost`, wall time from the
+launcher's own plan of jobs and a calibration.
 
-`calibrate` trains each model of the sweep for a few steps (in a temp dir, with the local backend's
-threads per job) and stores the measured tokens/s and FLOP/s in `<root>/calibration.json`.
+`calibrate` times each model's train step as the planned jobs run it (stacked, with the shared
+prefix, `jobs` at once, `sparsescale.timing`) and stores it in `<root>/calibration.json`;
+`dry_run_table` times every planned job from it and schedules the jobs as the local backend does.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import statistics
 import subprocess
 import sys
@@ -17,8 +19,8 @@ from typing import Any
 import ml_collections
 
 from launch import state
-from launch.backends.local import child_env
-from launch.sweep import Sweep, SweepError, _get, trainer_command
+from launch.backends.local import available_cpus, child_env, spawn
+from launch.sweep import Sweep, SweepError, _get
 from sparsescale import run_files
 
 CALIBRATION_FILE = "calibration.json"
@@ -36,48 +38,110 @@ def _model(config: ml_collections.ConfigDict) -> str:
     return str(_get(config, "model.name", "?"))
 
 
-def calibrate(sweep: Sweep, root: Path, threads: int, steps: int = 8) -> dict[str, Any]:
-    """Measure tokens/s and FLOP/s of each model in the sweep; merge into calibration.json."""
+def calibrate(
+    sweep: Sweep, root: Path, threads: int, jobs: int = 1, max_stack: int | None = None
+) -> dict[str, Any]:
+    """Time each model's train step as the sweep's jobs run it (`sparsescale.timing`): stacked
+    at the planned stack size and at its shared-prefix size, `jobs` copies at once on their own
+    cores (so a co-running job's contention is in the number); merge into calibration.json."""
+    from launch import stacking
+
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / CALIBRATION_FILE
     calibration = run_files.read_json(path) or {}
-    first_of_model = {}
-    for run, config in zip(sweep.runs, sweep.configs, strict=True):
-        first_of_model.setdefault(_model(config), (run, config))
-    for model, (run, config) in first_of_model.items():
-        cost = estimate_cost(config)
-        flops_per_token = cost["train_flops"] / cost["tokens"]
-        # several timed log lines after the first (which includes compilation); no checkpoints
-        short = {"train.steps": steps, "train.log_every": max(1, steps // 4)}
-        short |= {"train.ckpt_every": steps, "train.eval_every": 0}
-        short = {k: v for k, v in short.items() if _get(config, k) is not None}
-        run = dataclasses.replace(run, overrides={**run.overrides, **short}, steps=steps)
+    by_model: dict[str, tuple[Any, set[int]]] = {}
+    for job in stacking.plan(sweep, sweep.runs, None, jobs, max_stack):
+        cfgs = [stacking.resolved_config(sweep, r) for r in job]
+        ks = {len(job), len(_shared(cfgs)[1]) or len(job)}
+        by_model.setdefault(_model(_config(sweep, job[0])), (job[0], set()))[1].update(ks)
+    cpus = available_cpus()
+    for model, (run, ks) in by_model.items():
+        ks = sorted(ks | {1})
         with tempfile.TemporaryDirectory(prefix="calibration-") as tmp:
-            command = trainer_command(sweep, run, Path(tmp) / run.run_id, sys.executable)
-            done = subprocess.run(command, env=child_env(threads), capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SweepError(
-                    f"calibration run of model {model!r} failed ({done.returncode}): "
-                    f"{done.stderr.strip().splitlines()[-1:]}"
-                )
-            lines = [
-                m["perf/tokens_per_s"]
-                for m in run_files.read_metrics(Path(tmp) / run.run_id / run_files.METRICS)
-                if "perf/tokens_per_s" in m
-            ]
-        if not lines:
-            raise SweepError(f"calibration run of model {model!r} logged no perf/tokens_per_s")
-        tokens_per_s = statistics.median(lines[1:] or lines)  # the first includes compilation
+            config = Path(tmp) / "config.json"
+            config.write_text(json.dumps(stacking.job_config(sweep, run)))
+            command = [sys.executable, "-m", "sparsescale.timing", str(config), *map(str, ks)]
+            procs = [
+                spawn(command, cpus[i * threads : (i + 1) * threads], env=child_env(threads),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for i in range(max(1, min(jobs, len(cpus) // threads)))
+            ]  # fmt: skip
+            outs = [p.communicate() for p in procs]
+        if any(p.returncode for p in procs):
+            err = next(e for p, (_, e) in zip(procs, outs, strict=True) if p.returncode)
+            raise SweepError(
+                f"calibration of model {model!r} failed: {err.strip().splitlines()[-1:]}"
+            )
+        timed = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+        step_s = {str(k): statistics.mean(t["step_s"][str(k)] for t in timed) for k in ks}
+        config = _config(sweep, run)
+        tokens = _get(config, "data.batch_size") * _get(config, "data.seq_len")
+        top = max(ks)
+        tokens_per_s = top * tokens / step_s[str(top)]
+        cost = estimate_cost(config)
         calibration[model] = {
-            "tokens_per_s": tokens_per_s,
-            "flops_per_s": tokens_per_s * flops_per_token,
+            "step_s": step_s,
+            "startup_s": statistics.mean(t["startup_s"] for t in timed),
+            "save_s": statistics.mean(t["save_s"] for t in timed),
+            "batch_size": _get(config, "data.batch_size"),
+            "seq_len": _get(config, "data.seq_len"),
+            "tokens_per_s": tokens_per_s,  # per variant, at the largest stack
+            "flops_per_s": tokens_per_s * cost["dense_train_flops"] / cost["tokens"],
             "threads": threads,
-            "steps": steps,
+            "jobs": len(procs),
             "measured": state.now_iso(),
         }
     run_files.write_json_atomic(path, calibration)
     return calibration
+
+
+def _config(sweep: Sweep, run) -> ml_collections.ConfigDict:
+    return sweep.configs[sweep.runs.index(run)]
+
+
+def _shared(cfgs: list) -> tuple[int, list[int]]:
+    from sparsescale.stacking import shared_prefix
+
+    prefix, reps, _ = shared_prefix(cfgs) if len(cfgs) > 1 else (0, [], [])
+    return prefix, reps
+
+
+def job_seconds(cfgs: list, measured: dict[str, Any], fork: bool = True) -> float:
+    """Predicted wall seconds of one job (K stacked runs, or one): start-up and compiles, the
+    shared prefix at its own stack size, the rest at K (step times linear in K, scaled by tokens
+    per step from the calibrated batch), and each run's checkpoints."""
+    step_s = {int(k): v for k, v in measured["step_s"].items()}
+    ks = sorted(step_s)
+
+    def at(k: int) -> float:
+        lo = max([x for x in ks if x <= k], default=ks[0])
+        hi = min([x for x in ks if x >= k], default=ks[-1])
+        t = (
+            step_s[lo]
+            if hi == lo
+            else step_s[lo] + (step_s[hi] - step_s[lo]) * (k - lo) / (hi - lo)
+        )
+        if k > ks[-1] and len(ks) > 1:  # extrapolate with the per-variant slope
+            t = step_s[ks[-1]] + (step_s[ks[-1]] - step_s[ks[0]]) / (ks[-1] - ks[0]) * (k - ks[-1])
+        return t
+
+    c = cfgs[0]
+    scale = (c.data.batch_size * c.data.seq_len) / (measured["batch_size"] * measured["seq_len"])
+    prefix, reps = _shared(cfgs) if fork else (0, [])
+    steps = c.train.steps
+    seconds = prefix * at(len(reps)) + (steps - prefix) * at(len(cfgs))
+    saves = len(cfgs) * (steps // c.train.ckpt_every + (steps % c.train.ckpt_every > 0))
+    return measured["startup_s"] + seconds * scale + saves * measured.get("save_s", 0.0)
+
+
+def predict_wall(seconds: list[float], workers: int) -> float:
+    """The local backend's schedule: jobs start in order on the first free worker."""
+    free = [0.0] * max(1, workers)
+    for t in seconds:
+        i = free.index(min(free))
+        free[i] += t
+    return max(free)
 
 
 def _si(x: float) -> str:
@@ -87,9 +151,34 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
-def dry_run_table(sweep: Sweep, root: Path) -> str:
-    """Table of runs with tokens, non-zero params, training FLOPs and estimated time."""
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
+
+
+def dry_run_table(
+    sweep: Sweep, root: Path, jobs: int = 1, threads: int = 1, max_stack: int | None = None
+) -> str:
+    """Table of runs (tokens, non-zero params, training FLOPs, share of its job's time) and the
+    predicted wall time of the whole sweep from scratch: the launcher's plan of stacked jobs,
+    each timed from calibration.json, scheduled on `jobs` workers as the local backend does."""
+    from launch import stacking
+
     calibration = run_files.read_json(Path(root) / CALIBRATION_FILE) or {}
+    plan = stacking.plan(sweep, sweep.runs, None, jobs, max_stack)
+    share, job_s, missing, saved = {}, [], set(), 0.0
+    for job in plan:
+        cfgs = [stacking.resolved_config(sweep, r) for r in job]
+        measured = calibration.get(_model(_config(sweep, job[0])))
+        if not measured or "step_s" not in measured:
+            missing.add(_model(_config(sweep, job[0])))
+            continue
+        seconds = job_seconds(cfgs, measured)
+        job_s.append(seconds)
+        prefix, reps = _shared(cfgs)
+        saved += job_seconds(cfgs, measured, fork=False) - seconds
+        share.update({r.run_id: seconds / len(job) for r in job})
     header = (
         "run",
         "model",
@@ -101,21 +190,20 @@ def dry_run_table(sweep: Sweep, root: Path) -> str:
         "flops",
         "time",
     )
-    rows, total_flops, total_s, missing = [], 0.0, 0.0, set()
+    rows, total_flops = [], 0.0
     for run, config in zip(sweep.runs, sweep.configs, strict=True):
         cost = estimate_cost(config)
-        model = _model(config)
         total_flops += cost["train_flops"]
-        measured = calibration.get(model)
-        if measured:
-            seconds = cost["train_flops"] / measured["flops_per_s"]
-            total_s += seconds
-            time_text = f"{seconds:.0f}s" if seconds < 3600 else f"{seconds / 3600:.1f}h"
-        else:
-            missing.add(model)
-            time_text = "-"
+        seconds = share.get(run.run_id)
+        time_text = (
+            "-"
+            if seconds is None
+            else f"{seconds:.0f}s"
+            if seconds < 3600
+            else f"{seconds / 3600:.1f}h"
+        )
         rows.append((
-            run.run_id, model, str(_get(config, "sparsity.target", "")),
+            run.run_id, _model(config), str(_get(config, "sparsity.target", "")),
             str(_get(config, "sparsity.structure", "")), str(run.steps), _si(cost["tokens"]),
             _si(cost["n_params_nonzero"]), _si(cost["train_flops"]), time_text,
         ))  # fmt: skip
@@ -124,15 +212,20 @@ def dry_run_table(sweep: Sweep, root: Path) -> str:
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
         for row in [header, *rows]
     ]
-    hours = (
-        ""
-        if len(missing) == len({_model(c) for c in sweep.configs})
-        else (f", {total_s / 3600:.2f} h on one worker (calibrated models only)")
+    lines.append(
+        f"{len(rows)} runs in {len(plan)} jobs ({sum(len(j) > 1 for j in plan)} stacked), "
+        f"{_si(total_flops)} training FLOPs"
     )
-    lines.append(f"{len(rows)} runs, {_si(total_flops)} training FLOPs{hours}")
     if missing:
         lines.append(
             f"no calibration for {sorted(missing)} in {Path(root) / CALIBRATION_FILE}: "
             "run `python -m launch calibrate <experiment> --root <root>` for time estimates"
+        )
+    else:
+        lines.append(
+            f"predicted wall time from scratch: {_duration(predict_wall(job_s, jobs))} on "
+            f"{jobs} jobs × {threads} threads ({_duration(sum(job_s))} of job time"
+            + (f"; training each shared prefix once saves {_duration(saved)}" if saved else "")
+            + ")"
         )
     return "\n".join(lines)

@@ -51,16 +51,17 @@ def _split(group: list[Run], parts: int) -> list[list[Run]]:
 
 
 def plan(
-    sweep: Sweep, runs: Sequence[Run], root: Path, jobs: int, max_stack: int | None = None
+    sweep: Sweep, runs: Sequence[Run], root: Path | None, jobs: int, max_stack: int | None = None
 ) -> list[list[Run]]:
     """The jobs to start for `runs`: stacks of compatible fresh runs, each at most the measured
     (or given) size, split further while there are fewer jobs than `jobs` slots, longest first
     (dense training FLOPs). Runs that have checkpoints resume alone, so no finished work is
-    redone; an interrupted stacked job resumes as the same stack."""
+    redone; an interrupted stacked job resumes as the same stack. `root=None`: plan every run
+    as fresh."""
     from sparsescale.accounting import flops_per_token, param_counts
     from sparsescale.stacking import stack_groups
 
-    fresh = [r for r in runs if not has_checkpoint(root / r.run_id)]
+    fresh = [r for r in runs if root is None or not has_checkpoint(root / r.run_id)]
     planned = resumed_stacks([r for r in runs if r not in fresh], root)
     if max_stack == 1 or len(fresh) < 2:
         return planned + [[r] for r in fresh]

@@ -129,9 +129,12 @@ def run_accounting(cfg, pruner=None) -> dict:
 
 
 def estimate_cost(config) -> dict:
-    """Tokens, training FLOPs and parameter counts of a run from its ml_collections config."""
+    """Tokens, training FLOPs (and what a masked, i.e. dense, execution computes) and parameter
+    counts of a run from its ml_collections config."""
     from sparsescale.config import run_config
 
-    acc = run_accounting(run_config(config))
+    cfg = run_config(config)
+    acc = run_accounting(cfg)
     keys = ("tokens", "train_flops", "n_params_total", "n_params_nonembedding", "n_params_nonzero")
-    return {k: acc[k] for k in keys}
+    dense = flops_per_token(cfg.model, cfg.data.seq_len, 0.0) * acc["tokens"]
+    return {**{k: acc[k] for k in keys}, "dense_train_flops": dense}

@@ -32,6 +32,7 @@ import math
 import os
 import pathlib
 import sysconfig
+import time
 from collections.abc import Iterator, Mapping, Sequence
 
 import grain
@@ -346,12 +347,35 @@ class _FileSource(_OwnBuilderMixin):
         return cls(source=self, data_dir=data_dir)
 
 
-def _scan_files(name: str, root: str, paths: Sequence[str]) -> _FileSource:
-    files = []
+def _scan_files(
+    name: str, root: str, paths: Sequence[str], cache: str | None = None
+) -> _FileSource:
+    """The corpus files with their sha256. `cache` (a JSON file) keeps each file's hash under its
+    stat signature, so a later process re-reads only files that changed."""
+    known = {}
+    if cache:
+        with contextlib.suppress(OSError, ValueError):
+            known = json.loads(pathlib.Path(cache).read_text())
+    files, fresh, now = [], {}, time.time_ns()
     for path in paths:
-        data = pathlib.Path(path).read_bytes()
+        st = os.stat(path)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        entry = known.get(path)
+        if isinstance(entry, list) and len(entry) == 5 and entry[:4] == stamp:
+            digest = entry[4]
+        else:
+            digest = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+        # A file changed in the last seconds could change again within the clock's resolution
+        # without changing its stamp: keep re-hashing it until it has been still for a while.
+        recent = now - st.st_mtime_ns < 5_000_000_000
+        fresh[path] = stamp if recent else [*stamp, digest]
         relative = pathlib.Path(path).relative_to(root).as_posix()
-        files.append(_CorpusFile(relative, path, hashlib.sha256(data).hexdigest()))
+        files.append(_CorpusFile(relative, path, digest))
+    if cache and fresh != known:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.tmp"
+        pathlib.Path(tmp).write_text(json.dumps(fresh))
+        os.replace(tmp, cache)  # atomic: concurrent processes each write a whole file
     files.sort(key=lambda f: f.relative_path)
     return _FileSource(name=name, root=root, files=tuple(files))
 
@@ -690,10 +714,13 @@ def _validate_tfds_name(name: str) -> None:
 
 
 def _source(cfg: DataConfig):
-    if cfg.name == "stdlib_code":
-        return _scan_files("stdlib_code", *stdlib_files())
-    if cfg.name == "local_text":
-        return _scan_files("local_text", *_match_text_glob(cfg.text_glob))
+    if cfg.name in ("stdlib_code", "local_text"):
+        root, paths = (
+            stdlib_files() if cfg.name == "stdlib_code" else _match_text_glob(cfg.text_glob)
+        )
+        key = hashlib.sha256(f"{cfg.name}:{root}".encode()).hexdigest()[:16]
+        cache = os.path.join(_data_dir(cfg), ".file_hashes", f"{cfg.name}_{key}.json")
+        return _scan_files(cfg.name, root, paths, cache)
     if cfg.name == "synthetic":
         return _SyntheticSource(cfg)
     return _TfdsSource(cfg.name)

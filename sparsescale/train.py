@@ -395,8 +395,9 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
                             m.writer.add_scalar(n, v, done)
             if is_main:
                 _log_progress(
-                    done, optim.steps, members, live, eval_losses, step_time, tokens_per_step
-                )
+                    done, optim.steps, members, live, eval_losses, step_time,
+                    tokens_per_step * len({slot[k] for k in live}),
+                )  # fmt: skip
             if ckpt_now:
                 wall = wall_before + time.perf_counter() - t_start
                 for k in live:
@@ -415,7 +416,8 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
     return _finish(members, trainer, state, [evals[k] for k in keys], start, wall, is_main)
 
 
-def _log_progress(done, total, members, live, eval_losses, step_time, tokens_per_step) -> None:
+def _log_progress(done, total, members, live, eval_losses, step_time, step_tokens) -> None:
+    """One progress line; `step_tokens`: tokens the step computed (a shared prefix counts once)."""
     eta = (total - done) * step_time
     log.info(
         "step %d/%d loss %s%s | %.0f tok/s | ETA %s",
@@ -423,7 +425,7 @@ def _log_progress(done, total, members, live, eval_losses, step_time, tokens_per
         total,
         " ".join(f"{members[k].train_loss:.4f}" for k in live),
         "" if eval_losses is None else " eval " + " ".join(f"{eval_losses[k]:.4f}" for k in live),
-        len(live) * tokens_per_step / step_time if step_time else 0.0,
+        step_tokens / step_time if step_time else 0.0,
         time.strftime("%H:%M:%S", time.gmtime(eta)),
     )
 

@@ -4,7 +4,9 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import math
+import os
 import pathlib
 import shutil
 
@@ -356,3 +358,29 @@ def test_stdlib_code_streams_equal_the_interpreter_sources(stdlib_cfg):
     for batch in data.eval_batches(stdlib_cfg, 2):
         assert batch.shape == (stdlib_cfg.batch_size, 65) and set(_rows(batch)) <= val_windows
     assert data.fingerprint(stdlib_cfg) == prepared.fingerprint
+
+
+def test_file_hash_cache_is_reused_and_never_stale(corpus, tmp_path, monkeypatch):
+    root = tmp_path / "copy"
+    shutil.copytree(corpus, root)
+    for f in root.rglob("*.txt"):  # files changed seconds ago are always re-hashed (racy stamps)
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns - 60 * 10**9))
+    cfg = data.DataConfig(
+        name="local_text", text_glob=str(root / "**" / "*.txt"), data_dir=str(tmp_path / "d")
+    )
+    reads = []
+    real = pathlib.Path.read_bytes
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda p: reads.append(p) or real(p))
+    first = data.fingerprint(cfg)
+    assert len(reads) > 3  # hashed every file
+    reads.clear()
+    assert data.fingerprint(cfg) == first and reads == []  # a later process reads none
+    (cache,) = (tmp_path / "d" / ".file_hashes").glob("*.json")
+    cache.write_text("{not json")  # a damaged cache is ignored and rewritten
+    assert data.fingerprint(cfg) == first and len(reads) > 3
+    assert json.loads(cache.read_text())
+    target = next(root.rglob("*.txt"))
+    target.write_bytes(b"Y" + target.read_bytes()[1:])  # same size, edited just now
+    edited = data.fingerprint(cfg)
+    target.write_bytes(b"Z" + target.read_bytes()[1:])  # again, within the clock's resolution
+    assert len({first, edited, data.fingerprint(cfg)}) == 3

@@ -336,25 +336,31 @@ def test_collect_writes_finished_runs(tmp_path):
     assert not list(root.glob(".*.tmp"))
 
 
-def test_dry_run_table_uses_estimate_and_calibration(tmp_path):
-    spec = write_experiment(tmp_path, 'product({"sparsity.target": [0.5, 0.75]})')
+def test_dry_run_times_the_planned_jobs_from_the_calibration(tmp_path):
+    spec = write_experiment(
+        tmp_path, 'product({"sparsity.target": [0.5, 0.75], "train.seed": [0, 1]})'
+    )
     expanded = sweep.expand(spec)
     root = tmp_path / "root"
     root.mkdir()
-    try:
-        from sparsescale.accounting import estimate_cost
-    except ImportError:  # before the trainer split
-        from sparsescale.train import estimate_cost
-
-    costs = [estimate_cost(c) for c in expanded.configs]
-    assert costs[1]["n_params_nonzero"] < costs[0]["n_params_nonzero"]
-    text = cost.dry_run_table(expanded, root)
+    costs = {c.sparsity.target: cost.estimate_cost(c) for c in expanded.configs}
+    assert costs[0.75]["n_params_nonzero"] < costs[0.5]["n_params_nonzero"]
+    assert costs[0.75]["dense_train_flops"] == costs[0.5]["dense_train_flops"]
+    assert costs[0.5]["dense_train_flops"] > costs[0.5]["train_flops"]
+    text = cost.dry_run_table(expanded, root, jobs=1, max_stack=4)
     assert "no calibration for ['cpu_25k']" in text and not (root / "sweep.json").exists()
-    flops_per_s = costs[0]["train_flops"] / 10.0  # the first run would take 10 s
-    run_files.write_json_atomic(
-        root / "calibration.json", {"cpu_25k": {"flops_per_s": flops_per_s}}
+
+    # One job of 4 stacked runs (2 seeds): 10 steps, pruning from step 2, a checkpoint every 5.
+    # Hand-worked: 10 s start-up + 2 prefix steps at K=2 (2 s) + 8 steps at K=4 (4 s) + 4 runs ×
+    # 2 checkpoints × 0.5 s = 50 s; without the shared prefix, 10 + 10 × 4 + 4 = 54 s.
+    measured = {"step_s": {"1": 1.0, "4": 4.0}, "startup_s": 10.0, "save_s": 0.5,
+                "batch_size": 8, "seq_len": 32}  # fmt: skip
+    run_files.write_json_atomic(root / "calibration.json", {"cpu_25k": measured})
+    lines = cost.dry_run_table(expanded, root, jobs=1, max_stack=4).splitlines()
+    assert lines[1].split()[-1] == "12s"  # each run's share of its job: 50 / 4
+    assert lines[-2].startswith("4 runs in 1 jobs (1 stacked)")
+    assert lines[-1] == (
+        "predicted wall time from scratch: 50s on 1 jobs × 1 threads (50s of job time; training "
+        "each shared prefix once saves 4s)"
     )
-    lines = cost.dry_run_table(expanded, root).splitlines()
-    assert lines[1].split()[0] == "target-0.5" and lines[1].split()[-1] == "10s"
-    expected_s = costs[1]["train_flops"] / flops_per_s
-    assert lines[2].split()[-1] == f"{expected_s:.0f}s"
+    assert cost.predict_wall([5.0, 3.0, 3.0, 1.0], workers=2) == 6.0  # jobs start in order
