@@ -364,3 +364,17 @@ def test_dry_run_times_the_planned_jobs_from_the_calibration(tmp_path):
         "each shared prefix once saves 4s)"
     )
     assert cost.predict_wall([5.0, 3.0, 3.0, 1.0], workers=2) == 6.0  # jobs start in order
+
+
+def test_calibrate_times_the_planned_stack_and_its_prefix(tmp_path):
+    spec = write_experiment(tmp_path, 'product({"sparsity.target": [0.0, 0.5, 0.75]})')
+    expanded = sweep.expand(spec)
+    root = tmp_path / "root"
+    calibration = cost.calibrate(expanded, root, threads=1, jobs=1, max_stack=3)
+    measured = calibration["cpu_25k"]
+    assert sorted(measured["step_s"], key=int) == ["1", "3"]  # one seed: a prefix of 1, then 3
+    assert 0 < measured["step_s"]["1"] < measured["step_s"]["3"]
+    assert measured["startup_s"] > 0 and measured["save_s"] > 0
+    assert run_files.load_json(root / "calibration.json") == calibration
+    last = cost.dry_run_table(expanded, root, jobs=1, max_stack=3).splitlines()[-1]
+    assert last.startswith("predicted wall time from scratch:")
