@@ -2,8 +2,9 @@
 
 Command:  python -m experiments.reproduce fig1_size --preset quick
 Runtime:  smoke ≈ 2 min; quick ≈ 20 min on 2 CPU cores (90 runs, stacked; 19 min measured);
-          medium ≈ 33–56 h serial at measured throughput (not the 10 h once estimated; its two
-          smallest "scaled" sizes duplicate their "fixed" runs: to be redesigned); full: accelerators.
+          full: accelerators. The CPU experiment near compute-optimal budgets (≥ 20 tokens per
+          parameter, 3 paired seeds) is experiments/headline.py; it replaced the old `medium`
+          preset, whose two smallest "scaled" sizes duplicated their "fixed" runs.
 Design:   5 sizes spanning ≥ 30× in non-embedding parameters (quick: 6K–330K, 54×) × sparsity
           {0, 50, 75, 87.5, 93.75}% unstructured, gradual magnitude pruning under one matched
           schedule (cubic, 25%→75% of training), two seeds for the sizes ≤ 150K (quick), in two
@@ -41,16 +42,6 @@ PRESETS = {
         batch_size=8,
         seq_len=128,
         every=5,
-    ),
-    "medium": dict(
-        sizes=("cpu_25k", "cpu_100k", "cpu_330k", "cpu_800k", "cpu_1.8m"),
-        sparsities=(0.0, 0.5, 0.75, 0.875, 0.9375),
-        seeds=(0, 1, 2),
-        tokens_per_param=20,
-        min_steps=600,
-        fixed_steps=600,
-        batch_size=32,
-        seq_len=128,
     ),
     "full": dict(
         sizes=("acc_19m", "acc_85m", "acc_300m", "acc_1b"),
