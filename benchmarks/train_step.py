@@ -1,5 +1,6 @@
-"""Train-step speed of the CPU presets: dense vs masked sparse (unstructured 75%, 2:4), model
-FLOP/s utilisation, and the cost of mask-update steps.
+"""Train-step speed of the CPU presets: dense vs masked sparse (unstructured 75%, 2:4) vs a plain
+flax.nnx + optax step of the same model (the reference), model FLOP/s utilisation, and the cost of
+mask-update steps.
 
     python benchmarks/train_step.py [--quick] [--presets cpu_25k,cpu_600k]
 
@@ -12,7 +13,10 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 from benchmarks import common
 from experiments import common as exp_common
@@ -61,10 +65,104 @@ class Stepper:
         return time.perf_counter() - t
 
 
-def interleaved_medians(cfgs: dict, num_steps: int) -> dict[str, float]:
-    """Median step time per config, stepping the configs in alternation (fair under load)."""
+class RefModel(nnx.Module):
+    """The same transformer written plainly with flax.nnx (no sparsity code): pre-RMSNorm blocks,
+    RoPE or learned positions, GELU/SwiGLU MLP, untied head, no biases."""
+
+    def __init__(self, m, *, rngs: nnx.Rngs):
+        d, f = m.d_model, m.d_ff
+        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, rngs=rngs)
+        self.m = m
+        self.embed = nnx.Embed(m.vocab_size, d, rngs=rngs)
+        self.pos = nnx.Param(jnp.zeros((m.max_len, d))) if m.pos == "learned" else None
+        self.blocks = nnx.List(
+            [
+                nnx.Dict(
+                    n1=nnx.RMSNorm(d, rngs=rngs),
+                    qkv=lin(d, 3 * d),
+                    o=lin(d, d),
+                    n2=nnx.RMSNorm(d, rngs=rngs),
+                    up=lin(d, (2 if m.mlp == "swiglu" else 1) * f),
+                    down=lin(f, d),
+                )
+                for _ in range(m.n_layers)
+            ]
+        )
+        self.norm = nnx.RMSNorm(d, rngs=rngs)
+        self.head = lin(d, m.vocab_size)
+
+    def __call__(self, tokens_BxL):
+        m = self.m
+        b, l = tokens_BxL.shape
+        x = self.embed(tokens_BxL)
+        if self.pos is not None:
+            x = x + self.pos[:l]
+        for blk in self.blocks:
+            q, k, v = jnp.split(blk.qkv(blk.n1(x)).reshape(b, l, 3 * m.n_heads, -1), 3, axis=2)
+            if m.pos == "rope":
+                q, k = model_lib.rope(q, jnp.arange(l)), model_lib.rope(k, jnp.arange(l))
+            att = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            x = x + blk.o(att.reshape(b, l, -1))
+            h = blk.up(blk.n2(x))
+            if m.mlp == "swiglu":
+                g, h = jnp.split(h, 2, axis=-1)
+                h = jax.nn.silu(g) * h
+            x = x + blk.down(jax.nn.gelu(h) if m.mlp == "gelu" else h)
+        return self.head(self.norm(x))
+
+
+class RefStepper:
+    """A minimal flax.nnx + optax train step (AdamW with our schedule, clip and decay mask) for
+    `cfg`'s model shapes, jitted with donated state: the reference our dense step must beat."""
+
+    def __init__(self, cfg):
+        model = RefModel(cfg.model, rngs=nnx.Rngs(0))
+        self.graphdef, params = nnx.split(model)
+        t = cfg.train
+        tx = optax.chain(
+            optax.clip_by_global_norm(t.clip),
+            optax.adamw(
+                step_lib.learning_rate(t),
+                t.b1,
+                t.b2,
+                weight_decay=t.weight_decay,
+                mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+            ),
+        )
+
+        def train_step(state, batch_BxL1):
+            def loss_fn(params):
+                logits = nnx.merge(self.graphdef, params)(batch_BxL1[:, :-1])
+                return optax.softmax_cross_entropy_with_integer_labels(
+                    logits, batch_BxL1[:, 1:]
+                ).mean()
+
+            loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+            updates, opt = tx.update(grads, state["opt"], state["params"])
+            return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss
+
+        self.step_fn = jax.jit(train_step, donate_argnums=0)
+        self.state = {"params": params, "opt": tx.init(params)}
+        rng = np.random.default_rng(0)
+        self.batch = jnp.asarray(
+            rng.integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
+        )
+        self.step()  # compile
+
+    def step(self) -> float:
+        t = time.perf_counter()
+        self.state, loss = self.step_fn(self.state, self.batch)
+        jax.block_until_ready(loss)
+        return time.perf_counter() - t
+
+
+def interleaved_medians(cfgs: dict, num_steps: int, reference=None) -> dict[str, float]:
+    """Median step time per config, stepping the configs in alternation (fair under load);
+    `reference` (a config) adds the plain flax.nnx + optax step as "reference"."""
     steppers = {name: Stepper(cfg) for name, cfg in cfgs.items()}
-    times = {name: [] for name in cfgs}
+    if reference is not None:
+        steppers["reference"] = RefStepper(reference)
+    times = {name: [] for name in steppers}
     for _ in range(num_steps):
         for name, stepper in steppers.items():
             times[name].append(stepper.step())
@@ -118,7 +216,7 @@ def main():
     for preset in args.presets.split(","):
         row = {"preset": preset}
         cfgs = {name: make_config(preset, overrides) for name, overrides in VARIANTS.items()}
-        medians = interleaved_medians(cfgs, num_steps)
+        medians = interleaved_medians(cfgs, num_steps, reference=cfgs["dense"])
         dense_flops = accounting.run_accounting(cfgs["dense"])["flops_per_token"]
         for name, cfg in cfgs.items():
             t = medians[name]
@@ -133,6 +231,12 @@ def main():
             }
         for name in VARIANTS:
             row[name]["over_dense"] = row[name]["step_s"] / row["dense"]["step_s"]
+        tokens = cfgs["dense"].data.batch_size * cfgs["dense"].data.seq_len
+        row["reference"] = {
+            "step_s": medians["reference"],
+            "utilisation": dense_flops * tokens / medians["reference"] / peak,
+        }
+        row["dense_over_reference"] = row["dense"]["step_s"] / medians["reference"]
         # Mask updates: gradual schedule over the whole run, updated every 10 steps.
         every = 10
         gradual = make_config(
@@ -157,7 +261,9 @@ def main():
         rows.append(row)
         print(
             f"{preset}: dense {row['dense']['step_s'] * 1e3:.1f} ms "
-            f"({row['dense']['tokens_per_s']:.0f} tok/s, util {row['dense']['utilisation']:.2f}); "
+            f"({row['dense']['tokens_per_s']:.0f} tok/s, util {row['dense']['utilisation']:.2f}), "
+            f"reference {row['reference']['step_s'] * 1e3:.1f} ms "
+            f"(dense/reference {row['dense_over_reference']:.3f}); "
             f"unstructured75 {row['unstructured75']['over_dense']:.3f}x, "
             f"2:4 {row['nm2:4']['over_dense']:.3f}x; mask update "
             f"{row['mask_update']['update_over_plain']:.2f}x a step, amortised "

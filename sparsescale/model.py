@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sparsescale.layers import Mask, SparseLinear, lazy_sharding
@@ -94,14 +95,79 @@ def preset(name: str, **overrides) -> ModelConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def rope(x_BxLxHxK: jax.Array, positions_L: jax.Array, base: float = 10_000.0) -> jax.Array:
+def rope(x_BxLxHxK: jax.Array, positions_L, base: float = 10_000.0) -> jax.Array:
+    """Rotary embedding of the two halves of the head dim. Positions given as a numpy array give
+    constant sin/cos tables (computed once, not per element inside the step)."""
+    xp = np if isinstance(positions_L, np.ndarray) else jnp
     half = x_BxLxHxK.shape[-1] // 2
-    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles_LxK = positions_L[:, None].astype(jnp.float32) * freqs[None, :]
-    sin, cos = jnp.sin(angles_LxK)[None, :, None, :], jnp.cos(angles_LxK)[None, :, None, :]
-    x1, x2 = x_BxLxHxK[..., :half], x_BxLxHxK[..., half:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxLxHxK.dtype)
+    freqs = base ** (-np.arange(half, dtype=np.float32) / half)
+    angles_Lx1x1xK = positions_L.astype(np.float32)[:, None, None, None] * freqs
+    sin, cos = xp.sin(angles_Lx1x1xK), xp.cos(angles_Lx1x1xK)
+    x_BxLxHx2xK = x_BxLxHxK.reshape(*x_BxLxHxK.shape[:-1], 2, half)
+    # (x1, x2) -> (−x2, x1) as a flip of the halves: no slices or concatenation to transpose.
+    rotated = jnp.flip(x_BxLxHx2xK, axis=-2) * np.array([-1.0, 1.0], np.float32)[:, None]
+    out = x_BxLxHx2xK * cos + rotated * sin
+    return out.reshape(x_BxLxHxK.shape).astype(x_BxLxHxK.dtype)
+
+
+def _probs(q_BxHxQxK: jax.Array, k_BxHxSxK: jax.Array) -> jax.Array:
+    """Causal softmax (float32) of q·kᵀ for the last Q of S positions: query i sees keys
+    ≤ S − Q + i."""
+    nq, ns = q_BxHxQxK.shape[2], k_BxHxSxK.shape[2]
+    s_BxHxQxS = jnp.einsum(
+        "bhqk,bhsk->bhqs", q_BxHxQxK, k_BxHxSxK, preferred_element_type=jnp.float32
+    )
+    seen_QxS = jnp.arange(ns)[None, :] <= jnp.arange(nq)[:, None] + (ns - nq)
+    s_BxHxQxS = jnp.where(seen_QxS, s_BxHxQxS, -jnp.inf)
+    e = jnp.exp(s_BxHxQxS - jnp.max(s_BxHxQxS, axis=-1, keepdims=True))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+@jax.custom_vjp
+def _attend(q_BxHxQxK, k_BxHxSxK, v_BxHxSxK):
+    return _attend_fwd(q_BxHxQxK, k_BxHxSxK, v_BxHxSxK)[0]
+
+
+def _attend_fwd(q, k, v):
+    p = _probs(q, k)
+    out = jnp.einsum("bhqs,bhsk->bhqk", p.astype(v.dtype), v)
+    return out, (q, k, v, p, out)
+
+
+def _attend_bwd(res, dout):
+    # Softmax backward as in flash attention: the row sums Σ_s p·dp equal Σ_k dout·out, a
+    # reduction over the head dim instead of another pass over the scores.
+    q, k, v, p, out = res
+    f32 = jnp.float32
+    dp = jnp.einsum("bhqk,bhsk->bhqs", dout, v, preferred_element_type=f32)
+    row = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+    ds = (p * (dp - row)).astype(q.dtype)
+    dq = jnp.einsum("bhqs,bhsk->bhqk", ds, k)
+    dk = jnp.einsum("bhqs,bhqk->bhsk", ds, q)
+    dv = jnp.einsum("bhqs,bhqk->bhsk", p.astype(dout.dtype), dout)
+    return dq, dk, dv
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def causal_attention(
+    q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, block: int = 32
+) -> jax.Array:
+    """`jax.nn.dot_product_attention(q, k, v, is_causal=True)`, computed per block of `block`
+    queries against the keys up to the block's end only, so the fully masked upper blocks of the
+    scores are never formed; heads-major inside (batched matmuls XLA runs without copies)."""
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
+    q = q * (q.shape[-1] ** -0.5)
+    l = q.shape[2]
+    out_BxHxLxK = jnp.concatenate(
+        [
+            _attend(q[:, :, s : s + block], k[:, :, : s + block], v[:, :, : s + block])
+            for s in range(0, l, block)
+        ],
+        axis=2,
+    )
+    return jnp.swapaxes(out_BxHxLxK, 1, 2)
 
 
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes, rngs, init_scale: float = 1.0):
@@ -133,9 +199,9 @@ class Attention(nnx.Module):
         split = lambda t: t.reshape(b, l, cfg.n_heads, cfg.head_dim)
         q, k, v = split(self.q(x_BxLxD)), split(self.k(x_BxLxD)), split(self.v(x_BxLxD))
         if cfg.pos == "rope":
-            positions = jnp.arange(l)
+            positions = np.arange(l)
             q, k = rope(q, positions), rope(k, positions)
-        out_BxLxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        out_BxLxHxK = causal_attention(q, k, v)
         return self.o(out_BxLxHxK.reshape(b, l, cfg.d_model))
 
 

@@ -23,18 +23,31 @@ import numpy as np
 # Exact-count selection.
 
 
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys in the order of the float32 values (−0.0 taken as +0.0, as `==` does)."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x).astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
 def topk_mask(scores: jax.Array, num_keep: jax.Array | int) -> jax.Array:
     """Keeps exactly `num_keep` largest entries of `scores` (any shape; num_keep may be traced).
 
-    One sort finds the threshold; ties at the threshold go to the lower flat index, so the result
-    is deterministic.
+    The threshold (the num_keep-th largest score) is found bit by bit on order-preserving integer
+    keys: 32 counting passes, much cheaper than a sort on CPU. Ties at the threshold go to the
+    lower flat index, so the result is deterministic.
     """
-    flat = scores.reshape(-1)
-    size = flat.size
+    keys = _order_keys(scores.reshape(-1))
+    size = keys.size
     num_keep = jnp.clip(jnp.asarray(num_keep, jnp.int32), 0, size)
-    threshold = jnp.sort(flat)[jnp.clip(size - num_keep, 0, size - 1)]
-    above = flat > threshold
-    at = flat == threshold
+
+    def next_bit(i, threshold):  # the largest key t with count(keys >= t) >= num_keep
+        candidate = threshold | (jnp.uint32(1 << 31) >> i.astype(jnp.uint32))
+        enough = jnp.sum(keys >= candidate, dtype=jnp.int32) >= num_keep
+        return jnp.where(enough, candidate, threshold)
+
+    threshold = jax.lax.fori_loop(0, 32, next_bit, jnp.uint32(0))
+    above = keys > threshold
+    at = keys == threshold
     room = num_keep - jnp.sum(above, dtype=jnp.int32)
     keep = above | (at & (jnp.cumsum(at, dtype=jnp.int32) <= room))
     return (keep & (num_keep > 0)).reshape(scores.shape)

@@ -44,6 +44,31 @@ def test_unstructured_ties_go_to_lower_index():
     np.testing.assert_array_equal(mask.reshape(-1), [1, 1, 1, 1, 0, 0, 0, 0])
 
 
+def reference_topk_mask(scores, num_keep):
+    """The `num_keep` largest scores by a stable sort, ties to the lower flat index."""
+    flat = np.asarray(scores, np.float32).reshape(-1)
+    order = np.lexsort((np.arange(flat.size), -flat))  # by descending score, then index
+    keep = np.zeros(flat.size, bool)
+    keep[order[: max(0, min(int(num_keep), flat.size))]] = True
+    return keep.reshape(np.shape(scores))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "signed_ties", "specials"])
+def test_topk_mask_matches_sort_reference(kind):
+    """Same masks as a full sort for every count, on random, tied, signed and ±inf/±0 scores."""
+    rng = np.random.default_rng(0)
+    x = {
+        "normal": rng.normal(size=(12, 20)),
+        "ties": np.abs(rng.integers(0, 4, size=(12, 20))),
+        "signed_ties": rng.integers(-3, 4, size=(12, 20)) * 0.5,
+        "specials": rng.choice([-np.inf, -1.5, -0.0, 0.0, 1e-30, 2.0, np.inf], size=(12, 20)),
+    }[kind]
+    scores = jnp.asarray(x, jnp.float32)
+    masks = jax.jit(jax.vmap(sp.topk_mask, in_axes=(None, 0)))(scores, jnp.arange(-1, 242))
+    for num_keep, mask in zip(range(-1, 242), np.asarray(masks), strict=True):
+        np.testing.assert_array_equal(mask, reference_topk_mask(x, num_keep), err_msg=num_keep)
+
+
 @SETTINGS
 @given(
     seed=st.integers(0, 2**16),
