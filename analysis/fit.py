@@ -584,7 +584,11 @@ def fit_law(law: str, df: pd.DataFrame, config: FitConfig = FitConfig()) -> FitR
     identifiability (no bootstrap for a fit that is not identified)."""
     spec = _spec(law)
     _validate(law, df, config)
-    df = df.reset_index(drop=True)
+    # The same runs in any row order give the same fit (starts, bootstrap draws).
+    keys = [c for c in ("run_id", "n_params_total", "tokens", "sparsity", "seed", "eval_loss")
+            if c in df]  # fmt: skip
+    order = np.lexsort([df[c].astype(str if c == "run_id" else float) for c in reversed(keys)])
+    df = df.iloc[order].reset_index(drop=True)
     X = _features(law, df, config)
     y = df["eval_loss"].to_numpy(float)
     grid = config.init_grid or spec.default_grid(y, config)
@@ -598,7 +602,11 @@ def fit_law(law: str, df: pd.DataFrame, config: FitConfig = FitConfig()) -> FitR
     clusters = _clusters(df) if config.n_boot and not issues else None
     with _single_threaded_blas():
         result = _fit(law, spec, X, y, config, starts, clusters)
-    return dataclasses.replace(result, issues=issues, on_bound=_on_bound(spec, result.theta))
+    residuals = np.empty_like(result.residuals)
+    residuals[order] = result.residuals  # back in the caller's row order
+    return dataclasses.replace(
+        result, residuals=residuals, issues=issues, on_bound=_on_bound(spec, result.theta)
+    )
 
 
 def _fit(law, spec, X, y, config, starts, clusters):

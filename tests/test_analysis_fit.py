@@ -71,6 +71,18 @@ def test_sparse_law_recovers_known_coefficients():
         assert exact.params[name] == pytest.approx(value, rel=1e-3), name
 
 
+def test_fit_does_not_depend_on_row_order():
+    df = _sparse_table(TRUE_SPARSE, noise=1e-2, seed=3)
+    cfg = fit.FitConfig(n_boot=5, boot_starts=1)
+    a = fit.fit_law("sparse", df, cfg)
+    shuffled = df.sample(frac=1.0, random_state=7)
+    b = fit.fit_law("sparse", shuffled, cfg)
+    assert a.params == b.params and a.objective == b.objective
+    pd.testing.assert_frame_equal(a.bootstrap, b.bootstrap)
+    # residuals stay aligned with the caller's rows
+    np.testing.assert_allclose(b.residuals, pd.Series(a.residuals, df.index)[shuffled.index])
+
+
 def test_dense_and_moe_laws_recover_known_coefficients():
     n = np.geomspace(1e6, 1e9, 8)
     d = np.array([1e9, 1e10, 1e11])
