@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from launch import state
 from launch.backends.local import available_cpus, child_env, spawn
@@ -114,17 +115,11 @@ def job_seconds(cfgs: list, measured: dict[str, Any], fork: bool = True) -> floa
     step_s = {int(k): v for k, v in measured["step_s"].items()}
     ks = sorted(step_s)
 
-    def at(k: int) -> float:
-        lo = max([x for x in ks if x <= k], default=ks[0])
-        hi = min([x for x in ks if x >= k], default=ks[-1])
-        t = (
-            step_s[lo]
-            if hi == lo
-            else step_s[lo] + (step_s[hi] - step_s[lo]) * (k - lo) / (hi - lo)
-        )
-        if k > ks[-1] and len(ks) > 1:  # extrapolate with the per-variant slope
-            t = step_s[ks[-1]] + (step_s[ks[-1]] - step_s[ks[0]]) / (ks[-1] - ks[0]) * (k - ks[-1])
-        return t
+    def at(k: int) -> float:  # linear in K between measured sizes, extrapolated beyond
+        if k > ks[-1] and len(ks) > 1:
+            slope = (step_s[ks[-1]] - step_s[ks[0]]) / (ks[-1] - ks[0])
+            return step_s[ks[-1]] + slope * (k - ks[-1])
+        return float(np.interp(k, ks, [step_s[x] for x in ks]))
 
     c = cfgs[0]
     scale = (c.data.batch_size * c.data.seq_len) / (measured["batch_size"] * measured["seq_len"])
