@@ -7,8 +7,9 @@ runs are reused, interrupted ones resume). The results table, reports and figure
 `<root>/<figure>/<preset>/analysis/` by default, so a reproduction never touches the committed
 results; `--publish` writes them to `docs/figures/<figure>/<preset>/` instead and refreshes
 `docs/RESULTS.md`; `--out DIR` writes them to `DIR/<figure>/<preset>/`.
-`--analyze-only` redraws from the committed results table (`docs/figures/<figure>/<preset>/
-results.csv`, or if there is none the committed run records) without training, to the same places.
+`--analyze-only` redraws without training, to the same places, from the committed run records
+(`docs/records/<figure>/<preset>/`), or where there are none from the committed results table
+(`docs/figures/<figure>/<preset>/results.csv`).
 
 Committed run records (`launch/records.py`, `docs/records/<figure>/<preset>/<run_id>.json`): a
 run whose record matches its config is not trained again (its summary comes from the record), and
@@ -83,12 +84,12 @@ def main(argv=None) -> int:
             shutil.copyfile(root / "results.csv", table)
             if args.publish and (root / "sweep.json").exists():
                 records.write_records(root, run_records)
+    elif list(run_records.glob("*.json")):
+        out.mkdir(parents=True, exist_ok=True)
+        records.results_frame(run_records).to_csv(table, index=False)
     elif committed.exists() and committed.resolve() != table.resolve():
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(committed, table)
-    elif not committed.exists() and list(run_records.glob("*.json")):
-        out.mkdir(parents=True, exist_ok=True)
-        records.results_frame(run_records).to_csv(table, index=False)
 
     import pandas as pd
 

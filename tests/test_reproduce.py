@@ -49,7 +49,7 @@ def test_analyze_only_leaves_docs_alone_and_publish_refreshes_them(tmp_path, mon
     assert _snapshot(real) == real_docs
 
 
-def test_analyze_only_rebuilds_the_table_from_records_alone(tmp_path, monkeypatch):
+def test_analyze_only_rebuilds_the_table_from_the_records(tmp_path, monkeypatch):
     import pandas as pd
 
     from sparsescale import run_files
@@ -60,7 +60,10 @@ def test_analyze_only_rebuilds_the_table_from_records_alone(tmp_path, monkeypatc
     for row in table.astype(object).where(table.notna(), None).to_dict("records"):
         record = {"summary": row, "curve": [], "config_hash": row["config_hash"]}
         run_files.write_json_atomic(recs / f"{row['run_id']}.json", record)
-    monkeypatch.setattr(reproduce, "DOCS", tmp_path / "docs")  # no committed results table
+    stale = tmp_path / "docs" / "figures" / "fig3_moe" / "quick" / "results.csv"
+    stale.parent.mkdir(parents=True)
+    table.iloc[:-1].to_csv(stale, index=False)  # a table from before the last record
+    monkeypatch.setattr(reproduce, "DOCS", tmp_path / "docs")
     root = tmp_path / "runs"
     assert (
         reproduce.main(["fig3_moe", "--preset", "quick", "--analyze-only", "--root", str(root)])
