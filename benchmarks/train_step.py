@@ -208,6 +208,9 @@ def main():
         "--moe-preset", default="cpu_600k", help="whole-model MoE (E=8, k=2) comparison; '' skips"
     )
     parser.add_argument("--steps", type=int, help="timed steps per variant (default 10 quick, 30)")
+    parser.add_argument(
+        "--mask-every", type=int, default=10, help="mask-update interval (3 intervals are timed)"
+    )
     args = parser.parse_args()
     num_steps = args.steps or (10 if args.quick else 30)
     peak = common.matmul_flops_per_s()
@@ -237,8 +240,8 @@ def main():
             "utilisation": dense_flops * tokens / medians["reference"] / peak,
         }
         row["dense_over_reference"] = row["dense"]["step_s"] / medians["reference"]
-        # Mask updates: gradual schedule over the whole run, updated every 10 steps.
-        every = 10
+        # Mask updates: gradual schedule over the whole run, updated every `every` steps.
+        every = args.mask_every
         gradual = make_config(
             preset,
             {
@@ -249,16 +252,20 @@ def main():
                 "sparsity.schedule.every": every,
             },
         )
-        times = step_times(gradual, 3 * every, start_step=1)  # steps 2..31: updates at 10, 20, 30
+        times = step_times(gradual, 3 * every, start_step=1)  # steps 2..: 3 updates
         is_update = np.array([(s % every) == 0 for s in range(2, 2 + len(times))])
         t_update, t_plain = np.median(times[is_update]), np.median(times[~is_update])
         row["mask_update"] = {
+            "every": every,
             "update_step_s": float(t_update),
             "plain_step_s": float(t_plain),
             "update_over_plain": float(t_update / t_plain),
             "amortised_overhead": float((t_update - t_plain) / every / t_plain),
         }
-        rows.append(row)
+        rows.append(row)  # written after every preset: a run cut short keeps what it measured
+        path = common.write(
+            "train_step", {"matmul_flops_per_s": peak, "presets": rows, "moe": None}
+        )
         print(
             f"{preset}: dense {row['dense']['step_s'] * 1e3:.1f} ms "
             f"({row['dense']['tokens_per_s']:.0f} tok/s, util {row['dense']['utilisation']:.2f}), "

@@ -195,14 +195,15 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         cfg = self.cfg
-        b, l, _ = x_BxLxD.shape
+        b, l, d = x_BxLxD.shape
+        x_NxD = x_BxLxD.reshape(b * l, d)  # 2-D matmuls: see `Mlp`
         split = lambda t: t.reshape(b, l, cfg.n_heads, cfg.head_dim)
-        q, k, v = split(self.q(x_BxLxD)), split(self.k(x_BxLxD)), split(self.v(x_BxLxD))
+        q, k, v = split(self.q(x_NxD)), split(self.k(x_NxD)), split(self.v(x_NxD))
         if cfg.pos == "rope":
             positions = np.arange(l)
             q, k = rope(q, positions), rope(k, positions)
         out_BxLxHxK = causal_attention(q, k, v)
-        return self.o(out_BxLxHxK.reshape(b, l, cfg.d_model))
+        return self.o(out_BxLxHxK.reshape(b * l, d)).reshape(b, l, d)
 
 
 class Mlp(nnx.Module):
@@ -218,12 +219,15 @@ class Mlp(nnx.Module):
         self.down = _linear(cfg, cfg.d_ff, cfg.d_model, ("mlp", "embed"), rngs, out_scale)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        h_BxLxF = self.up(x_BxLxD)
+        # Tokens flattened to one axis: the kernel gradients then contract one axis, which XLA's
+        # CPU dot takes as is (contracting batch and length made it transpose every activation).
+        x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
+        h_NxF = self.up(x_NxD)
         if self.gate is not None:
-            h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * h_BxLxF
+            h_NxF = jax.nn.silu(self.gate(x_NxD)) * h_NxF
         else:
-            h_BxLxF = jax.nn.gelu(h_BxLxF)
-        return self.down(h_BxLxF)
+            h_NxF = jax.nn.gelu(h_NxF)
+        return self.down(h_NxF).reshape(x_BxLxD.shape)
 
 
 class TransformerBlock(nnx.Module):
@@ -315,9 +319,11 @@ class Transformer(nnx.Module):
             if aux:
                 aux_loss = aux_loss + aux["aux_loss"]
                 stats.update({f"moe/{i}/{k}": v for k, v in aux.items()})
-        x_BxLxD = self.final_norm(x_BxLxD)
+        b, l, d = x_BxLxD.shape
+        x_NxD = self.final_norm(x_BxLxD).reshape(b * l, d)  # 2-D matmul: see `Mlp`
         if self.unembed is None:
-            logits_BxLxV = self.embed.attend(x_BxLxD)
+            logits_NxV = self.embed.attend(x_NxD)
         else:
-            logits_BxLxV = self.unembed(x_BxLxD)
+            logits_NxV = self.unembed(x_NxD)
+        logits_BxLxV = logits_NxV.reshape(b, l, -1)
         return logits_BxLxV.astype(jnp.float32), {"aux_loss": aux_loss, **stats}

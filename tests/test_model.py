@@ -86,7 +86,7 @@ def test_rope_matches_reference_for_static_and_traced_positions():
         (3, 50, 2, 8, 16),
         (2, 64, 3, 32, 64),
         (1, 7, 1, 4, 32),
-        (2, 33, 2, 8, 1),
+        (2, 9, 2, 8, 1),
     ],
 )
 def test_blocked_causal_attention_matches_dense_masked_attention(b, l, h, k, block):
@@ -97,8 +97,9 @@ def test_blocked_causal_attention_matches_dense_masked_attention(b, l, h, k, blo
     )
     dense = lambda q, key, v: jax.nn.dot_product_attention(q, key, v, is_causal=True)
     blocked = lambda q, key, v: model_lib.causal_attention(q, key, v, block)
-    expected, dense_vjp = jax.vjp(dense, q, key, v)
-    got, blocked_vjp = jax.vjp(blocked, q, key, v)
+    with_grads = lambda f: jax.jit(lambda *a: (f(*a), jax.vjp(f, *a)[1](cotangent)))
+    expected, dense_grads = with_grads(dense)(q, key, v)
+    got, blocked_grads = with_grads(blocked)(q, key, v)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    for g, e in zip(blocked_vjp(cotangent), dense_vjp(cotangent), strict=True):
+    for g, e in zip(blocked_grads, dense_grads, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
