@@ -41,7 +41,7 @@ def test_sweep_survives_kill_reports_failure_and_collects(
         {"sparsity.target": 0.5},
         {"sparsity.target": 0.75},
         {"sparsity.target": 0.5, "train.lr": 1e9},  # diverges: NaN loss
-        {"sparsity.target": 0.5, "train.steps": 100},
+        {"sparsity.target": 0.5, "train.steps": 400},  # the longest job: it starts first
     ]
     exp, root = (
         experiment_file(tmp_path, sweep, steps=10, log_every=10, ckpt_every=10),
@@ -50,13 +50,13 @@ def test_sweep_survives_kill_reports_failure_and_collects(
     ok, nan, long = (
         ["target-0.5", "target-0.75"],
         "target-0.5_lr-1e+09",
-        "target-0.5_steps-100",
+        "target-0.5_steps-400",
     )
     args = ["run", f"{exp}:smoke", "--root", str(root), "--jobs", "2", "--max-retries", "1"]
     args += ["--stack", "4"]  # the two short runs differ only in sparsity: one stacked job
 
-    # 1. launch in its own process group; SIGKILL launcher and trainers once the long run has two
-    #    committed checkpoints (the short runs are done by then)
+    # 1. launch in its own process group; SIGKILL launcher and trainers once the launcher has
+    #    recorded the short runs as done and the long run has two committed checkpoints
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch", *args],
         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),  # one CPU device per run
@@ -67,9 +67,13 @@ def test_sweep_survives_kill_reports_failure_and_collects(
     ckpts = root / long / "checkpoints"
     try:
         wait_for(
-            lambda: len([p for p in ckpts.glob("*") if (p / "commit_success.txt").exists()]) >= 2,
+            lambda: (
+                all((root / r / "launch.json").exists() for r in ok)
+                and all(attempts(root, r)[-1].get("outcome") == "done" for r in ok)
+                and len([p for p in ckpts.glob("*") if (p / "commit_success.txt").exists()]) >= 2
+            ),
             400,
-            "two checkpoints of the long run",
+            "the short runs and two checkpoints of the long run",
         )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -106,7 +110,7 @@ def test_sweep_survives_kill_reports_failure_and_collects(
     assert resumed and int(resumed[1]) >= 20
     after = metric_lines(root / long / "metrics.jsonl")
     steps = [m["step"] for m in after]
-    assert steps == sorted(set(steps)) and steps[-1] == 100
+    assert steps == sorted(set(steps)) and steps[-1] == 400
     kept = [m for m in before if m["step"] <= int(resumed[1])]
     assert len(kept) >= 2 and after[: len(kept)] == kept
     assert (root / long / "stdout.log").read_text().count("===== attempt") == 2
