@@ -110,14 +110,20 @@ def gap_cells(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
     return _sort(cells, SIZE, "tokens", "sparsity")
 
 
-def gap_scaling(cells: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
+def gap_scaling(
+    cells: pd.DataFrame, ci_level: float = 0.95, pairs: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Per (task, regime, S): least squares of log ΔL = log g(S) − β(S) log N over the sizes.
 
     β > 0 means the gap shrinks with size ("larger models tolerate more sparsity"). The
-    interval is the t-interval of the slope (n_sizes − 2 degrees of freedom), so it contains
-    seed noise and any lack of fit across sizes. `verdict`: yes (interval > 0), no (< 0),
-    inconclusive; sizes whose mean gap is ≤ 0 cannot enter the log and are counted in
-    `n_nonpositive`.
+    interval (`lo`, `hi`) is the t-interval of the slope (n_sizes − 2 degrees of freedom), so it
+    contains seed noise and any lack of fit across sizes (≥ 3 sizes). With the paired gaps
+    (`pairs`), β is also fitted within each seed that has a positive gap at every size of the
+    cell (≥ 2 sizes), and `beta_seeds` is their mean with its t-interval over seeds (`lo_seeds`,
+    `hi_seeds`; n_seeds_beta − 1 degrees of freedom; none with < 2 such seeds). `verdict`: yes
+    (every available interval > 0), no (every one < 0), else inconclusive; with 2 sizes only the
+    seed interval exists (lack of fit is not testable). Sizes whose mean gap is ≤ 0 cannot enter
+    the log and are counted in `n_nonpositive`.
     """
     rows = []
     for (task, regime, s), sub in cells.groupby(["task", "regime", "sparsity"]):
@@ -134,17 +140,56 @@ def gap_scaling(cells: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
             "lo": np.nan,
             "hi": np.nan,
             "log_g": np.nan,
+            "beta_seeds": np.nan,
+            "lo_seeds": np.nan,
+            "hi_seeds": np.nan,
+            "n_seeds_beta": 0,
             "verdict": "inconclusive",
         }
+        intervals = []
         if len(pos) >= 3 and pos[SIZE].nunique() >= 3:
             beta, log_g, se = _slope(np.log(pos[SIZE].to_numpy()), np.log(pos["gap"].to_numpy()))
             half = scipy.stats.t.ppf((1 + ci_level) / 2, len(pos) - 2) * se
             row.update(beta=beta, lo=beta - half, hi=beta + half, log_g=log_g)
-            row["verdict"] = (
-                "yes" if beta - half > 0 else "no" if beta + half < 0 else "inconclusive"
-            )
+            intervals.append((beta - half, beta + half))
+        if pairs is not None and sub[SIZE].nunique() >= 2:
+            cell = pairs[
+                (pairs["task"] == task) & (pairs["regime"] == regime) & (pairs["sparsity"] == s)
+            ]
+            betas = _within_seed_slopes(cell, SIZE, set(sub[SIZE]))
+            mean, lo, hi = _mean_interval(betas, ci_level)
+            row.update(beta_seeds=mean, lo_seeds=lo, hi_seeds=hi, n_seeds_beta=len(betas))
+            if len(betas) >= 2:
+                intervals.append((lo, hi))
+        if intervals and all(lo > 0 for lo, _ in intervals):
+            row["verdict"] = "yes"
+        elif intervals and all(hi < 0 for _, hi in intervals):
+            row["verdict"] = "no"
         rows.append(row)
     return _sort(pd.DataFrame(rows), "sparsity") if rows else pd.DataFrame(rows)
+
+
+def _within_seed_slopes(cell: pd.DataFrame, x: str, required: set | None = None) -> list[float]:
+    """β of log ΔL = c − β·log x fitted within each seed of one (task, regime, S) cell, for the
+    seeds with a positive gap at every value of x in `required` (all of the seed's, if None)."""
+    slopes = []
+    for _, seed in cell.groupby("seed"):
+        if required is not None and not required <= set(seed[x]):
+            continue
+        if (seed["gap"] <= 0).any() or seed[x].nunique() < 2:
+            continue
+        slopes.append(_slope(np.log(seed[x].to_numpy(float)), np.log(seed["gap"].to_numpy()))[0])
+    return slopes
+
+
+def _mean_interval(values: list[float], ci_level: float) -> tuple[float, float, float]:
+    """Mean with its t-interval (n − 1 degrees of freedom); NaN bounds with < 2 values."""
+    n = len(values)
+    mean = float(np.mean(values)) if n else np.nan
+    if n < 2:
+        return mean, np.nan, np.nan
+    half = scipy.stats.t.ppf((1 + ci_level) / 2, n - 1) * np.std(values, ddof=1) / np.sqrt(n)
+    return mean, mean - half, mean + half
 
 
 def budget_scaling(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
@@ -157,32 +202,21 @@ def budget_scaling(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
     for (task, size, s), sub in pairs.groupby(["task", SIZE, "sparsity"]):
         if sub["tokens"].nunique() < 2:
             continue
-        gammas, nonpositive = [], 0
-        for _, seed in sub.groupby("seed"):
-            if seed["tokens"].nunique() < 2:
-                continue
-            if (seed["gap"] <= 0).any():
-                nonpositive += 1
-                continue
-            x, y = np.log(seed["tokens"].to_numpy(float)), np.log(seed["gap"].to_numpy())
-            gammas.append(_slope(x, y)[0])
+        per_seed = [seed for _, seed in sub.groupby("seed") if seed["tokens"].nunique() >= 2]
+        nonpositive = sum(bool((seed["gap"] <= 0).any()) for seed in per_seed)
+        gammas = _within_seed_slopes(pd.concat(per_seed), "tokens") if per_seed else []
         n = len(gammas)
-        gamma = float(np.mean(gammas)) if n else np.nan
-        half = (
-            scipy.stats.t.ppf((1 + ci_level) / 2, n - 1) * np.std(gammas, ddof=1) / np.sqrt(n)
-            if n >= 2
-            else np.nan
-        )
+        gamma, lo, hi = _mean_interval(gammas, ci_level)
         verdict = "inconclusive"
-        if n >= 2 and gamma - half > 0:
+        if n >= 2 and lo > 0:
             verdict = "shrinks"
-        elif n >= 2 and gamma + half < 0:
+        elif n >= 2 and hi < 0:
             verdict = "grows"
         rows.append({
             "task": task, SIZE: size, "sparsity": s,
             "tokens_min": float(sub["tokens"].min()), "tokens_max": float(sub["tokens"].max()),
-            "n_budgets": int(sub["tokens"].nunique()), "gamma": gamma, "lo": gamma - half,
-            "hi": gamma + half, "verdict": verdict, "n_seeds": n, "n_nonpositive": nonpositive,
+            "n_budgets": int(sub["tokens"].nunique()), "gamma": gamma, "lo": lo,
+            "hi": hi, "verdict": verdict, "n_seeds": n, "n_nonpositive": nonpositive,
         })  # fmt: skip
     out = pd.DataFrame(rows)
     return out.sort_values(["task", SIZE, "sparsity"]).reset_index(drop=True) if rows else out

@@ -9,7 +9,9 @@ report.json keys (every number of report.md is in it; NaN is written as null):
   gaps             [{task, regime, n_nonembedding, n_params_total, tokens, sparsity, gap, lo, hi,
                      n_seeds, loss, dense_loss, gap_sd}]  paired ΔL per cell, t-interval over seeds
   gap_scaling      [{task, regime, sparsity, beta, lo, hi, log_g, n_sizes, n_nonpositive,
-                     size_min, size_max, verdict}]  log ΔL = log g − β log N per S and regime
+                     size_min, size_max, beta_seeds, lo_seeds, hi_seeds, n_seeds_beta,
+                     verdict}]  log ΔL = log g − β log N per S and regime (over sizes; and
+                     within seeds, interval over seeds)
   tolerance        [{task, regime, n_nonembedding, tokens, tolerance, limit, s_star, status, lo,
                      hi, s_min, s_max, n_seeds}]  status: bracketed | below | above (censored)
   fits             {name: {law, params, ci {p: [lo, hi]}, on_bound [p], identified, issues [str],
@@ -283,7 +285,7 @@ def gap_sections(rep: Report, df: pd.DataFrame) -> None:
         return
     level = rep.fit_config.ci_level
     cells = gap.gap_cells(pairs, level)
-    scaling = gap.gap_scaling(cells, level)
+    scaling = gap.gap_scaling(cells, level, pairs)
     table = gap.tolerance_table(pairs, rep.tolerances, n_boot=rep.n_boot_runs, ci_level=level)
     rep.data |= {
         "gaps": records(cells),
@@ -319,10 +321,14 @@ def gap_sections(rep: Report, df: pd.DataFrame) -> None:
         "## How the gap scales with size",
         f"Per sparsity and regime: log ΔL = log g(S) − β(S)·log N over the sizes (mean paired "
         f"gaps), {level:.0%} t-interval of β (n_sizes − 2 degrees of freedom: seed noise and lack "
-        "of fit). β > 0: the gap shrinks with size, i.e. larger models tolerate more sparsity. "
-        "Verdict: yes (interval above 0), no (below 0), inconclusive (contains 0 or < 3 sizes).",
+        "of fit; ≥ 3 sizes). β_seeds: the same slope fitted within each seed that has every size, "
+        f"mean over those seeds with its {level:.0%} t-interval (n_seeds_beta − 1 degrees of "
+        "freedom; ≥ 2 sizes). β > 0: the gap shrinks with size, i.e. larger models tolerate more "
+        "sparsity. Verdict: yes (every interval above 0), no (every one below 0), inconclusive "
+        "(one contains 0, or no interval).",
     )
-    cols = ["task", "regime", "sparsity", "beta", "lo", "hi", "verdict", "n_sizes", "n_nonpositive"]
+    cols = ["task", "regime", "sparsity", "beta", "lo", "hi", "beta_seeds", "lo_seeds",
+            "hi_seeds", "n_seeds_beta", "verdict", "n_sizes", "n_nonpositive"]  # fmt: skip
     rep.add(markdown_table(_drop_constant(scaling[cols], ("task",))))
     rep.figure(
         "loss_gap",

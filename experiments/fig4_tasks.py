@@ -86,8 +86,9 @@ def analyze(results, out_dir):
     }
     if len(tasks) > 1:
         figures.plot_task_gaps(results, out_dir / "task_gaps")
-        cells = gap.gap_cells(gap.paired_gaps(results))
-        scaling = gap.gap_scaling(cells)
+        pairs = gap.paired_gaps(results)
+        cells = gap.gap_cells(pairs)
+        scaling = gap.gap_scaling(cells, pairs=pairs)
         gap_cols = ["task", "n_nonembedding", "tokens", "sparsity", "dense_loss", "gap", "lo", "hi"]
         beta_cols = ["task", "sparsity", "beta", "lo", "hi", "verdict", "n_sizes"]
         seeds = int(cells["n_seeds"].max())

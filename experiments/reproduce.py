@@ -150,36 +150,41 @@ def write_results_md(figures_dir: Path, path: Path) -> Path:
 
 
 def _tolerance_summary(figures_dir: Path) -> list[str]:
-    """The answer figure 1 gives, read from its report.json: β(S) per regime (log ΔL = log g(S)
-    − β log N; β > 0 = larger models tolerate more sparsity) with its 95% interval and verdict."""
+    """The answer, read from the reports' report.json: β(S) per regime (log ΔL = log g(S) − β log
+    N; β > 0 = larger models tolerate more sparsity) with its 95% intervals (over sizes, and over
+    seeds where the report has them) and verdict; the headline experiment first, then figure 1."""
     import pandas as pd
 
     from analysis import report as report_lib
 
     lines = []
-    for path in sorted(figures_dir.glob("fig1_size/*/both/report.json")):
-        data = json.loads(path.read_text())
-        rows = [
-            {k: r[k] for k in ("regime", "sparsity", "beta", "lo", "hi", "verdict", "n_sizes")}
-            for r in data.get("gap_scaling", [])
-        ]
-        if not rows:
-            continue
-        table = pd.DataFrame(rows).astype({"beta": float, "lo": float, "hi": float})
-        lines += [
-            f"## Does the sparsity penalty shrink with size? (figure 1, {path.parts[-3]})",
-            "",
-            data["convention"],
-            "",
-            "β(S) from log ΔL = log g(S) − β(S)·log N over the sizes of each regime; β > 0 means "
-            "larger models tolerate more sparsity (95% t-interval; verdict yes / no / "
-            "inconclusive). Regimes: "
-            + "; ".join(r["description"] for r in data["regimes"].values())
-            + ".",
-            "",
-            report_lib.markdown_table(table),
-            "",
-        ]
+    sources = [("headline", "headline/*/main"), ("figure 1", "fig1_size/*/both")]
+    for name, pattern in sources:
+        for path in sorted(figures_dir.glob(f"{pattern}/report.json")):
+            data = json.loads(path.read_text())
+            keys = ["regime", "sparsity", "beta", "lo", "hi", "beta_seeds", "lo_seeds", "hi_seeds",
+                    "verdict", "n_sizes"]  # fmt: skip
+            rows = [{k: r[k] for k in keys if k in r} for r in data.get("gap_scaling", [])]
+            if not rows:
+                continue
+            table = pd.DataFrame(rows)
+            numeric = [c for c in table if c in keys[2:8]]
+            table[numeric] = table[numeric].astype(float)
+            lines += [
+                f"## Does the sparsity penalty shrink with size? ({name}, {path.parts[-3]})",
+                "",
+                data["convention"],
+                "",
+                "β(S) from log ΔL = log g(S) − β(S)·log N over the sizes of each regime; β > 0 "
+                "means larger models tolerate more sparsity (95% t-intervals: lo/hi over sizes, "
+                "lo_seeds/hi_seeds over seeds of the within-seed slopes where reported; verdict "
+                "yes / no / inconclusive). Regimes: "
+                + "; ".join(r["description"] for r in data["regimes"].values())
+                + ".",
+                "",
+                report_lib.markdown_table(table),
+                "",
+            ]
     return lines
 
 

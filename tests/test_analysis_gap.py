@@ -29,7 +29,8 @@ def _sweep(rng, beta, *, seeds=2, shared=0.1, noise=0.003, sizes=SIZES, tag="sca
         for seed in range(seeds):
             common = shared * rng.standard_normal()  # same init and data order
             for s in (0.0, *LEVELS):
-                gap_ = g_true(s) * n**-beta if s else 0.0
+                b = beta[seed] if np.ndim(beta) else beta  # a per-seed β, if given
+                gap_ = g_true(s) * n**-b if s else 0.0
                 rows.append(
                     {
                         "n_params_total": n + embed,
@@ -76,6 +77,41 @@ def test_beta_is_recovered_within_its_interval_at_near_nominal_coverage():
         verdicts += list(scaling["verdict"])
     assert 0.85 <= np.mean(covered) <= 1.0  # 160 intervals, nominal 0.95
     assert np.mean(np.array(verdicts) == "yes") >= 0.9  # β = 0.3 is clearly > 0
+
+
+def test_beta_within_seeds_is_the_mean_of_per_seed_slopes_with_a_t_interval():
+    per_seed = (0.9, 0.6, -0.3)  # exact power laws per seed (no noise): slopes are exact
+    pairs = gap.paired_gaps(_sweep(np.random.default_rng(5), per_seed, seeds=3, noise=0.0))
+    scaling = gap.gap_scaling(gap.gap_cells(pairs), 0.95, pairs)
+    half = 4.302653 * np.std(per_seed, ddof=1) / np.sqrt(3)  # t(0.975, 2 dof)
+    np.testing.assert_allclose(scaling["beta_seeds"], np.mean(per_seed), atol=1e-9)
+    np.testing.assert_allclose(scaling["lo_seeds"], np.mean(per_seed) - half, rtol=1e-5)
+    np.testing.assert_allclose(scaling["hi_seeds"], np.mean(per_seed) + half, rtol=1e-5)
+    assert (scaling["n_seeds_beta"] == 3).all()
+    assert (scaling["verdict"] == "inconclusive").all()  # the seeds disagree: interval holds 0
+    # a seed missing a size does not enter the within-seed fit
+    partial = pairs[~((pairs["seed"] == 2) & (pairs[load.SIZE] == pairs[load.SIZE].max()))]
+    scaling = gap.gap_scaling(gap.gap_cells(partial), 0.95, partial)
+    np.testing.assert_allclose(scaling["beta_seeds"], 0.75, atol=1e-9)
+    assert (scaling["n_seeds_beta"] == 2).all()
+    # two sizes: no fit over sizes (lack of fit untestable), the seed interval alone decides
+    two = gap.paired_gaps(_sweep(np.random.default_rng(7), 0.3, seeds=3, sizes=SIZES[[0, 4]]))
+    scaling = gap.gap_scaling(gap.gap_cells(two), 0.95, two)
+    assert scaling["beta"].isna().all() and (scaling["n_seeds_beta"] == 3).all()
+    np.testing.assert_allclose(scaling["beta_seeds"], 0.3, atol=0.02)
+    assert (scaling["verdict"] == "yes").all()
+
+
+def test_beta_within_seeds_covers_the_truth_at_near_nominal_rate():
+    rng = np.random.default_rng(6)
+    covered, verdicts = [], []
+    for _ in range(40):
+        pairs = gap.paired_gaps(_sweep(rng, beta=0.3, seeds=4, noise=0.01))
+        scaling = gap.gap_scaling(gap.gap_cells(pairs), 0.95, pairs)
+        covered += list((scaling["lo_seeds"] <= 0.3) & (0.3 <= scaling["hi_seeds"]))
+        verdicts += list(scaling["verdict"])
+    assert 0.88 <= np.mean(covered) <= 1.0  # 160 intervals, nominal 0.95
+    assert np.mean(np.array(verdicts) == "yes") >= 0.8
 
 
 def test_beta_zero_is_not_called_a_trend():
