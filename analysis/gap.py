@@ -336,14 +336,18 @@ def describe_regimes(df: pd.DataFrame) -> dict[str, dict]:
         )
         out[str(regime)] = {
             "title": ("" if str(regime).startswith("D = ") else f"{regime}: ")
-            + f"{d_text} tokens\n{tpp.min():.2g}–{tpp.max():.2g} tokens/param, "
-            f"{short_seeds}",
-            "description": f"{regime}: {d_text} tokens, {tpp.min():.3g}–{tpp.max():.3g} tokens "
-            f"per non-embedding parameter, {seed_text}",
+            + f"{d_text} tokens\n{_span(tpp, '.2g')} tokens/param, {short_seeds}",
+            "description": f"{regime}: {d_text} tokens, {_span(tpp, '.3g')} tokens per non-embedding "
+            f"parameter, {seed_text}",
             "tokens_per_param": [float(tpp.min()), float(tpp.max())],
             "seeds_per_size": {float(k): int(v) for k, v in seeds.items()},
         }
     return out
+
+
+def _span(values: pd.Series, fmt: str) -> str:
+    lo, hi = format(values.min(), fmt), format(values.max(), fmt)
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
 def _short(v: float) -> str:

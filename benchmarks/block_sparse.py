@@ -326,6 +326,10 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cores", type=int, default=1, help="pin to this many cores (0: all)")
     parser.add_argument("--skip-layers", action="store_true", help="reuse the saved layer rows")
+    parser.add_argument(
+        "--presets", help="time only these presets' train steps (comma-separated); the saved "
+        "rows of the other cases are kept"
+    )  # fmt: skip
     args = parser.parse_args()
     _pin(args.cores)
     import jax
@@ -359,7 +363,14 @@ def main():
     ]
     if args.quick:
         cases = cases[1:2]
-    steps = step_rows(cases, 3 if args.quick else 6)
+    kept = []
+    if args.presets:
+        chosen = set(args.presets.split(","))
+        cases = [c for c in cases if c[0] in chosen]
+        kept = [
+            r for r in tuning.load(name)["train_steps"] if r["preset"] not in chosen
+        ]  # fmt: skip
+    steps = kept + step_rows(cases, 3 if args.quick else 6)
     path = tuning.write(
         name,
         {
