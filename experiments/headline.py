@@ -5,7 +5,11 @@ Runtime:  smoke ≈ 1 min. cpu: 240 runs in 30 stacked jobs of 8 on 2 jobs × 1 
           run (`python -m launch calibrate experiments/headline.py:cpu --root R --jobs 2
           --threads 1`, then `python -m launch run … --root R --dry-run --jobs 2 --threads 1`)
           predicts 2.36 h of wall time from scratch (4.71 h of job time; training each shared
-          prefix once saves 1.15 h); MEASURED.
+          prefix once saves 1.15 h), calibrated with the code of the committed records (c421830).
+          Measured: the sweep ran over three sessions beside other work, so no clean end-to-end
+          time exists. Per job, the 27 jobs up to 100K took 0.91× their prediction in aggregate
+          (0.6–1.17× each); a 332K step took 6.3–7.2 s against 6.04 s calibrated. Replaying the
+          launcher's schedule with the measured jobs (≈ 73 min per 332K job) gives 2.47 h.
 Design:   6 sizes, 6.2K–332K non-embedding parameters (53×), each trained on 21 tokens per
           non-embedding parameter (near compute-optimal) in ≥ 500 optimizer steps: the batch grows
           with size (2 … 64 sequences of 128 bytes). Dense and 7 unstructured sparsities
@@ -17,8 +21,10 @@ Design:   6 sizes, 6.2K–332K non-embedding parameters (53×), each trained on 
           the two sizes 14K and 25K also at 5 and 80 tokens per parameter, with the same batch
           (so D changes through the number of steps only: 5 tok/param trains 120–140 steps).
           Eval on the same 256 validation windows (32K bytes) for every run.
-Expected: β(S) of log ΔL = log g(S) − β(S)·log N with seed-level intervals, S*(N) bracketed at
-          every size, and how ΔL changes with D at fixed N; whatever the data say, with intervals.
+Expected: β(S) of log ΔL = log g(S) − β(S)·log N with intervals over sizes and over seeds, S*(N)
+          and γ of ΔL ∝ D^−γ at fixed N. Measured (docs/figures/headline/cpu/): β < 0 at 87.5%
+          (−0.15) and 93.75% (−0.20), both intervals below 0; inconclusive at 25–75%; S* at 0.05
+          nats 0.54–0.68 with no trend; at 14K the gap grows with D (γ −0.20 … −0.12 at 25–87.5%).
 """
 
 import statistics
