@@ -95,10 +95,14 @@ def test_beta_within_seeds_is_the_mean_of_per_seed_slopes_with_a_t_interval():
     np.testing.assert_allclose(scaling["beta_seeds"], 0.75, atol=1e-9)
     assert (scaling["n_seeds_beta"] == 2).all()
     # two sizes: no fit over sizes (lack of fit untestable), the seed interval alone decides
-    two = gap.paired_gaps(_sweep(np.random.default_rng(7), 0.3, seeds=3, sizes=SIZES[[0, 4]]))
+    agree = (0.25, 0.3, 0.35)  # mean 0.3, t-interval 0.3 ± 0.124: above 0
+    two = gap.paired_gaps(
+        _sweep(np.random.default_rng(7), agree, seeds=3, noise=0.0, sizes=SIZES[[0, 4]])
+    )
     scaling = gap.gap_scaling(gap.gap_cells(two), 0.95, two)
     assert scaling["beta"].isna().all() and (scaling["n_seeds_beta"] == 3).all()
-    np.testing.assert_allclose(scaling["beta_seeds"], 0.3, atol=0.02)
+    np.testing.assert_allclose(scaling["beta_seeds"], 0.3, atol=1e-9)
+    np.testing.assert_allclose(scaling["lo_seeds"], 0.3 - 4.302653 * 0.05 / np.sqrt(3), rtol=1e-5)
     assert (scaling["verdict"] == "yes").all()
 
 
