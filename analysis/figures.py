@@ -276,7 +276,7 @@ def plot_tolerance(table: pd.DataFrame, path=None, subtitles=None) -> plt.Figure
             ax.axhline(float(sub[bound].iloc[0]), color="gray", lw=0.7, ls=":")
         ax.set(
             xlabel="non-embedding parameters N",
-            ylim=(0.4, 1.0),
+            ylim=(min(0.4, float(table["s_min"].min()) - 0.05), 1.0),  # every tested level
             title=_panel_title(task, regime, subtitles, table["task"].nunique()),
         )
         size_axis(ax)

@@ -196,3 +196,18 @@ def test_budget_gamma_is_recovered_per_size_within_seeds():
     assert false_trend < 0.15  # γ = 0 is rarely called a trend at the 95% level
     grows = gap.budget_scaling(gap.paired_gaps(_budget_sweep(rng, -0.3, noise=0.001)))
     assert (grows["verdict"] == "grows").mean() > 0.8
+
+
+def test_tolerance_figure_shows_every_tested_level():
+    """S* at low tested levels (25%) and their censored markers stay inside the drawn axes."""
+    from analysis import figures
+
+    df = _sweep(np.random.default_rng(8), beta=0.3, noise=0.0, shared=0.0)
+    df = df[df["sparsity"] != LEVELS[0]]  # levels 0.75 … 0.9375
+    low = _sweep(np.random.default_rng(8), beta=0.3, noise=0.0, shared=0.0)
+    low = low[low["sparsity"] == LEVELS[0]].assign(sparsity=0.25)  # a low tested level
+    table = gap.tolerance_table(gap.paired_gaps(pd.concat([df, low])), (gap.Tolerance(1e-4),))
+    fig = figures.plot_tolerance(table)
+    bottom, top = fig.axes[0].get_ylim()
+    assert (table["status"] == "below").all() and table["s_star"].min() == 0.25
+    assert bottom < 0.25 < top
