@@ -12,6 +12,7 @@ regime when sizes share several, else the whole table.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -125,8 +126,10 @@ def gap_scaling(
     seed interval exists (lack of fit is not testable). Sizes whose mean gap is ≤ 0 cannot enter
     the log and are counted in `n_nonpositive`.
     """
+    keys = ["task", "regime", "sparsity"]
+    pairs_of = dict(list(pairs.groupby(keys))) if pairs is not None else {}
     rows = []
-    for (task, regime, s), sub in cells.groupby(["task", "regime", "sparsity"]):
+    for (task, regime, s), sub in cells.groupby(keys):
         pos = sub[sub["gap"] > 0]
         row = {
             "task": task,
@@ -152,11 +155,9 @@ def gap_scaling(
             half = scipy.stats.t.ppf((1 + ci_level) / 2, len(pos) - 2) * se
             row.update(beta=beta, lo=beta - half, hi=beta + half, log_g=log_g)
             intervals.append((beta - half, beta + half))
-        if pairs is not None and sub[SIZE].nunique() >= 2:
-            cell = pairs[
-                (pairs["task"] == task) & (pairs["regime"] == regime) & (pairs["sparsity"] == s)
-            ]
-            betas = _within_seed_slopes(cell, SIZE, set(sub[SIZE]))
+        if (task, regime, s) in pairs_of and sub[SIZE].nunique() >= 2:
+            per_seed = (seed for _, seed in pairs_of[task, regime, s].groupby("seed"))
+            betas = _within_seed_slopes(per_seed, SIZE, set(sub[SIZE]))
             mean, lo, hi = _mean_interval(betas, ci_level)
             row.update(beta_seeds=mean, lo_seeds=lo, hi_seeds=hi, n_seeds_beta=len(betas))
             if len(betas) >= 2:
@@ -169,11 +170,14 @@ def gap_scaling(
     return _sort(pd.DataFrame(rows), "sparsity") if rows else pd.DataFrame(rows)
 
 
-def _within_seed_slopes(cell: pd.DataFrame, x: str, required: set | None = None) -> list[float]:
-    """β of log ΔL = c − β·log x fitted within each seed of one (task, regime, S) cell, for the
-    seeds with a positive gap at every value of x in `required` (all of the seed's, if None)."""
+def _within_seed_slopes(
+    per_seed: Iterable[pd.DataFrame], x: str, required: set | None = None
+) -> list[float]:
+    """β of log ΔL = c − β·log x fitted within each seed's rows (one frame per seed) of one
+    cell, for the seeds with a positive gap at every value of x in `required` (all of the seed's,
+    if None)."""
     slopes = []
-    for _, seed in cell.groupby("seed"):
+    for seed in per_seed:
         if required is not None and not required <= set(seed[x]):
             continue
         if (seed["gap"] <= 0).any() or seed[x].nunique() < 2:
@@ -204,7 +208,7 @@ def budget_scaling(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
             continue
         per_seed = [seed for _, seed in sub.groupby("seed") if seed["tokens"].nunique() >= 2]
         nonpositive = sum(bool((seed["gap"] <= 0).any()) for seed in per_seed)
-        gammas = _within_seed_slopes(pd.concat(per_seed), "tokens") if per_seed else []
+        gammas = _within_seed_slopes(per_seed, "tokens")
         n = len(gammas)
         gamma, lo, hi = _mean_interval(gammas, ci_level)
         verdict = "inconclusive"

@@ -346,8 +346,9 @@ def main():
         shapes, blocks, sparsities = shapes[:2], blocks[1:3], [0.0, 0.5, 0.75]
     repeats = 3 if args.quick else 5
     name = f"block_sparse_{jax.default_backend()}"
+    saved = tuning.load(name) if args.skip_layers or args.presets else None
     if args.skip_layers:  # keep the layer rows of the last full run
-        layers_out = tuning.load(name)["layers"]
+        layers_out = saved["layers"]
     else:
         layers_out = layer_rows(shapes, blocks, sparsities, repeats)
     cases = [
@@ -367,9 +368,7 @@ def main():
     if args.presets:
         chosen = set(args.presets.split(","))
         cases = [c for c in cases if c[0] in chosen]
-        kept = [
-            r for r in tuning.load(name)["train_steps"] if r["preset"] not in chosen
-        ]  # fmt: skip
+        kept = [r for r in saved["train_steps"] if r["preset"] not in chosen]
     steps = kept + step_rows(cases, 3 if args.quick else 6)
     path = tuning.write(
         name,

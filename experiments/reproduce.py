@@ -162,13 +162,13 @@ def _tolerance_summary(figures_dir: Path) -> list[str]:
     for name, pattern in sources:
         for path in sorted(figures_dir.glob(f"{pattern}/report.json")):
             data = json.loads(path.read_text())
-            keys = ["regime", "sparsity", "beta", "lo", "hi", "beta_seeds", "lo_seeds", "hi_seeds",
-                    "verdict", "n_sizes"]  # fmt: skip
+            bounds = ["beta", "lo", "hi", "beta_seeds", "lo_seeds", "hi_seeds"]  # null → NaN
+            keys = ["regime", "sparsity", *bounds, "verdict", "n_sizes"]
             rows = [{k: r[k] for k in keys if k in r} for r in data.get("gap_scaling", [])]
             if not rows:
                 continue
             table = pd.DataFrame(rows)
-            numeric = [c for c in table if c in keys[2:8]]
+            numeric = [c for c in bounds if c in table]
             table[numeric] = table[numeric].astype(float)
             lines += [
                 f"## Does the sparsity penalty shrink with size? ({name}, {path.parts[-3]})",
