@@ -41,7 +41,7 @@ def test_sweep_survives_kill_reports_failure_and_collects(
         {"sparsity.target": 0.5},
         {"sparsity.target": 0.75},
         {"sparsity.target": 0.5, "train.lr": 1e9},  # diverges: NaN loss
-        {"sparsity.target": 0.5, "train.steps": 400},  # the longest job: it starts first
+        {"sparsity.target": 0.5, "train.steps": 1200},  # longest: starts first, outlasts the rest
     ]
     exp, root = (
         experiment_file(tmp_path, sweep, steps=10, log_every=10, ckpt_every=10),
@@ -50,7 +50,7 @@ def test_sweep_survives_kill_reports_failure_and_collects(
     ok, nan, long = (
         ["target-0.5", "target-0.75"],
         "target-0.5_lr-1e+09",
-        "target-0.5_steps-400",
+        "target-0.5_steps-1200",
     )
     args = ["run", f"{exp}:smoke", "--root", str(root), "--jobs", "2", "--max-retries", "1"]
     args += ["--stack", "4"]  # the two short runs differ only in sparsity: one stacked job
@@ -110,7 +110,7 @@ def test_sweep_survives_kill_reports_failure_and_collects(
     assert resumed and int(resumed[1]) >= 20
     after = metric_lines(root / long / "metrics.jsonl")
     steps = [m["step"] for m in after]
-    assert steps == sorted(set(steps)) and steps[-1] == 400
+    assert steps == sorted(set(steps)) and steps[-1] == 1200
     kept = [m for m in before if m["step"] <= int(resumed[1])]
     assert len(kept) >= 2 and after[: len(kept)] == kept
     assert (root / long / "stdout.log").read_text().count("===== attempt") == 2
