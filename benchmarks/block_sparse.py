@@ -35,19 +35,26 @@ def _pin(cores: int | None) -> None:
 
 
 def _fwd_bwd(f):
-    """jit of (x, w, dy, *rest) ↦ (dx, dw) of f(x, w, *rest): one forward and one backward (the
-    mask is an argument, as in training, so nothing is constant-folded)."""
+    """jit of (x, w, dy, *rest) ↦ (y, dx, dw) of y = f(x, w, *rest): one forward and one backward
+    (y is returned so the forward is not dead code; the mask is an argument, as in training, so
+    nothing is constant-folded)."""
     import jax
 
-    return jax.jit(lambda x, w, dy, *rest: jax.vjp(lambda x, w: f(x, w, *rest), x, w)[1](dy))
+    def run(x, w, dy, *rest):
+        y, pullback = jax.vjp(lambda x, w: f(x, w, *rest), x, w)
+        return y, *pullback(dy)
+
+    return jax.jit(run)
 
 
 def _attention_fwd_bwd(q):
     """Causal self-attention forward + backward with q = k = v (the model's attention op)."""
     import jax
 
-    attention = lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True)  # noqa: E731
-    return jax.vjp(attention, q)[1](q)
+    from sparsescale import model
+
+    out, pullback = jax.vjp(lambda q: model.causal_attention(q, q, q), q)
+    return out, pullback(q)
 
 
 def where_time_goes(profile: dict, density: float) -> dict:

@@ -3,7 +3,10 @@
 For each CPU preset and K, starts `jobs` worker processes at once (one pinned core each, like the
 local launcher) that each train K variants (sparsities 0…93.75%, gradual pruning with mask updates
 every 5 steps, the real data pipeline) and report their start-up cost (imports, data, build,
-compile) and steady step time. Throughput is variant-steps per second over all workers; the sweep
+compile) and steady step time. As in a sweep, workers share JAX's persistent compilation cache: one
+worker runs first alone and compiles (`startup_cold_s`: the first job of a shape), the timed
+workers then load its step from the cache (`startup_s`: every later job that differs only in seed
+or target). Throughput is variant-steps per second over all workers; the sweep
 figure adds the start-up cost to `--run-steps`-step runs. Writes the package's tuning data
 `sparsescale/tuning/stacking.json` (with the machine it was measured on);
 the launcher (`launch/stacking.py`) stacks as many runs per process as was fastest for the nearest
@@ -19,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,9 +41,10 @@ def worker(preset: str, stack: int, steps: int, batch_size: int) -> dict:
     from launch.sweep import apply_overrides
     from sparsescale import config as config_lib
     from sparsescale import data as data_lib
-    from sparsescale import stacking
+    from sparsescale import stacking, train
     from sparsescale import step as step_lib
 
+    train.use_compilation_cache()  # $JAX_COMPILATION_CACHE_DIR, set by `measure`
     cfgs = []
     for k in range(stack):
         sparsity = SPARSITIES[k % len(SPARSITIES)]
@@ -80,20 +85,27 @@ def worker(preset: str, stack: int, steps: int, batch_size: int) -> dict:
 
 def measure(preset: str, stack: int, steps: int, batch_size: int, jobs: int) -> dict:
     cpus = local.available_cpus()
-    cmd = [sys.executable, __file__, "--worker", preset, str(stack), str(steps), str(batch_size)]
-    procs = [
-        subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=local.child_env(1),
-            preexec_fn=lambda c=cpus[j]: os.sched_setaffinity(0, [c]),
-        )
-        for j in range(jobs)
-    ]
-    outs = [json.loads(p.communicate()[0].decode().strip().splitlines()[-1]) for p in procs]
+    with tempfile.TemporaryDirectory(prefix="stacking-cache-") as cache:
+        env = local.child_env(1) | {"JAX_COMPILATION_CACHE_DIR": cache}
+
+        def start(cpu: int, timed_steps: int) -> subprocess.Popen:
+            cmd = [__file__, "--worker", preset, str(stack), str(timed_steps), str(batch_size)]
+            return subprocess.Popen(
+                [sys.executable, *cmd],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                preexec_fn=lambda: os.sched_setaffinity(0, [cpu]),
+            )
+
+        def result(proc: subprocess.Popen) -> dict:
+            return json.loads(proc.communicate()[0].decode().strip().splitlines()[-1])
+
+        cold = result(start(cpus[0], 1))  # fills the compilation cache
+        outs = [result(p) for p in [start(cpus[j], steps) for j in range(jobs)]]
     return {
         "stack": stack,
+        "startup_cold_s": cold["startup_s"],
         "startup_s": max(o["startup_s"] for o in outs),
         "step_s": sum(o["step_s"] for o in outs) / jobs,
         "variant_steps_per_s": sum(stack / o["step_s"] for o in outs),
@@ -138,7 +150,8 @@ def main() -> None:
                 f"{preset:>9} ({n_params:>9,} params) K={t['stack']}: "
                 f"{t['variant_steps_per_s']:7.1f} variant-steps/s steady "
                 f"(×{t['speedup_steady']:.2f}), ×{t['speedup_sweep']:.2f} for "
-                f"{args.run_steps}-step runs; start-up {t['startup_s']:.1f} s",
+                f"{args.run_steps}-step runs; start-up {t['startup_s']:.1f} s "
+                f"({t['startup_cold_s']:.1f} s compiling)",
                 flush=True,
             )
         top = max(trials, key=lambda t: t["sweep_variant_steps_per_s"])

@@ -65,11 +65,14 @@ def test_balanced_and_block_impl_reject_bad_input():
         (64, 512, False, jnp.float32, (8, 16)),
         (48, 32, True, jnp.bfloat16, (8, 16)),
         (40, 16, True, jnp.float32, (4, 4)),  # Kb >= bw: dx by segment sum
+        (40, None, False, jnp.float32, (8, 16)),  # default: all rows, gathered x kept
+        (48, None, True, jnp.bfloat16, (4, 4)),
     ],
 )
 def test_block_columns_matmul_matches_dense(m, chunk, balanced, dtype, block):
-    """Values, x and kernel gradients of the packed op equal those of x @ (w ⊙ mask); `chunk`
-    that does not divide the rows pads, and budget > a column's count leaves padding slots."""
+    """Values, x and kernel gradients of the packed op equal those of x @ (w ⊙ mask), in row
+    chunks (a `chunk` that does not divide the rows pads) or all at once (None); budget > a
+    column's count leaves padding slots."""
     k, n = 64, 48
     kb, nb = k // block[0], n // block[1]
     rng = np.random.default_rng(1)

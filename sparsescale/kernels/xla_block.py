@@ -6,20 +6,24 @@ Legend: M rows of x (tokens), K = Kb·bh inputs, N = Nb·bw outputs, B tiles kep
 
 Forward, per block-column j: y_j [M, bw] = x[:, rows_j] [M, B·bh] @ values_j [B·bh, bw], one
 batched matmul over j with the batch axis leading (XLA:CPU runs that as plain GEMMs).
-Backward (custom_vjp, saves x, not the gathered copy):
+Backward (custom_vjp):
   dvalues_j = x[:, rows_j]ᵀ dY_j (kept tiles only; padding slots get zero),
   dx = Σ_j scatter(dY_j values_jᵀ) into the block-rows `rows_j`: a one-hot contraction over the
   (j, b) slots, which costs Kb/bw of the dx matmul, or a segment sum when Kb ≥ bw.
-Rows are processed `chunk` at a time (`lax.map` / `lax.scan` over row chunks): the gathered copy
-of x is Nb·B/Kb times x, and keeping it cache-sized is what makes the path pay on CPU (one core,
-M = 4096, 75% sparse 64×64 tiles: 1.1× → 2.9× over dense with chunk = 512; dense XLA does not gain
-from chunking).
+By default all rows go through one batched matmul and the forward's gathered copy of x is kept
+for the backward (no second gather). `chunk` instead processes rows `chunk` at a time (`lax.map` /
+`lax.scan`, gathering again in the backward), which keeps the copy (Nb·B/Kb times x) cache-sized:
+that wins for an isolated layer with small blocks, but inside whole train steps the loops cost
+more than they save wherever the block path beats dense (one core, step vs dense, all rows /
+chunks of 512, each pair in one process: 64×64 at 75% cpu_4.7m 1.26× / 1.01×; 40×40 at 90%
+cpu_3.8m_d400 1.50× / 1.40×; 32×32 at 75% cpu_4.7m 0.86× / 0.85×; 16×16 at 75% cpu_100k 0.85× /
+0.81×; only 20×20 at 75% cpu_3.8m_d400 prefers chunks, 0.47× / 0.67×, both slower than dense).
 
 `strategy="scatter"` instead scatters the tiles into a dense kernel and runs one dense matmul (same
 gradients: dvalues = the dense weight gradient read at the kept tiles); `strategy="auto"` picks by
 `choose_strategy`, from the break-even densities benchmarks/block_sparse.py measured and stores in
-the package's tuning data (`sparsescale.tuning`; CPU, one core, M = 4096, balanced tiles: 16² 0.28,
-32² 0.43, 64² 0.65, 128² 0.91). Either way this is `SparseLinear(impl="block", lowering="xla")`.
+the package's tuning data (`sparsescale.tuning`; CPU, one core, M = 4096, balanced tiles: 16² 0.10,
+32² 0.19, 64² 0.34, 128² 0.52). Either way this is `SparseLinear(impl="block", lowering="xla")`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 from sparsescale import tuning
 from sparsescale.kernels.formats import BlockPacked, first_true
 
-DEFAULT_CHUNK = 512
+DEFAULT_CHUNK = None  # all rows at once (see the module docstring)
 
 
 def _valid(counts, budget):
@@ -145,25 +149,23 @@ def _gather_columns(x_MxK, rows_NbxB, bh: int):
     return xg.transpose(1, 0, 2, 3).reshape(nb, m, budget * bh)
 
 
-def _chunk_fwd(x_MxK, values):
-    """y [M, N] for one row chunk; `values` carries its rows (values, rows)."""
-    vals, rows = values
+def _chunk_fwd(xg_NbxMxBbh, vals, dtype):
+    """y [M, N] from the gathered x of some rows (`_gather_columns`)."""
     nb, budget, bh, bw = vals.shape
     y_NbxMxbw = jnp.matmul(
-        _gather_columns(x_MxK, rows, bh),
-        vals.reshape(nb, budget * bh, bw),
-        preferred_element_type=jnp.float32,
+        xg_NbxMxBbh, vals.reshape(nb, budget * bh, bw), preferred_element_type=jnp.float32
     )
-    return y_NbxMxbw.transpose(1, 0, 2).reshape(x_MxK.shape[0], nb * bw).astype(x_MxK.dtype)
+    return y_NbxMxbw.transpose(1, 0, 2).reshape(-1, nb * bw).astype(dtype)
 
 
-def _chunk_bwd(x_MxK, dy_MxN, vals, rows):
-    """(dx [M, K], dvalues [Nb, B, bh, bw] f32) for one row chunk."""
-    m, k = x_MxK.shape
+def _chunk_bwd(xg_NbxMxBbh, dy_MxN, vals, rows, k: int):
+    """(dx [M, K], dvalues [Nb, B, bh, bw] f32) for some rows, from their gathered x."""
+    m = dy_MxN.shape[0]
     nb, budget, bh, bw = vals.shape
     dy_NbxMxbw = dy_MxN.reshape(m, nb, bw).transpose(1, 0, 2)
-    xg = _gather_columns(x_MxK, rows, bh)
-    dvals = jnp.matmul(xg.transpose(0, 2, 1), dy_NbxMxbw, preferred_element_type=jnp.float32)
+    dvals = jnp.matmul(
+        xg_NbxMxBbh.transpose(0, 2, 1), dy_NbxMxbw, preferred_element_type=jnp.float32
+    )
     kb = k // bh
     if kb < bw:  # one-hot contraction over the (j, b) slots: Kb/bw of the dx matmul
         p_NbxMxBbh = jnp.matmul(
@@ -183,7 +185,7 @@ def _chunk_bwd(x_MxK, dy_MxN, vals, rows):
             "jmw,jbkw->jbmk", dy_NbxMxbw, vals, preferred_element_type=jnp.float32
         ).reshape(nb * budget, m, bh)
         dx = jax.ops.segment_sum(p_TxMxbh, rows.reshape(-1), kb).transpose(1, 0, 2)
-    return dx.reshape(m, k).astype(x_MxK.dtype), dvals.reshape(vals.shape)
+    return dx.reshape(m, k).astype(dy_MxN.dtype), dvals.reshape(vals.shape)
 
 
 def _row_chunks(a_MxC, chunk: int):
@@ -195,51 +197,63 @@ def _row_chunks(a_MxC, chunk: int):
     return a_MxC.reshape(-1, chunk, a_MxC.shape[1])
 
 
+def _unchunked(chunk: int | None, m: int) -> bool:
+    return chunk is None or chunk >= m
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _xla_block(x_MxK, values, rows, counts, chunk):
     return _fwd(x_MxK, values, rows, counts, chunk)[0]
 
 
 def _fwd(x_MxK, values, rows, counts, chunk):
-    m = x_MxK.shape[0]
-    chunk = min(chunk, m)
+    m, k = x_MxK.shape
     vals = values.astype(x_MxK.dtype)
-    y = jax.lax.map(lambda xc: _chunk_fwd(xc, (vals, rows)), _row_chunks(x_MxK, chunk))
-    return y.reshape(-1, y.shape[-1])[:m], (x_MxK, values, rows, counts)
+    bh = values.shape[2]
+    if _unchunked(chunk, m):  # keep the gathered x for the backward
+        xg_NbxMxBbh = _gather_columns(x_MxK, rows, bh)
+        return _chunk_fwd(xg_NbxMxBbh, vals, x_MxK.dtype), (xg_NbxMxBbh, values, rows, counts, k)
+    y = jax.lax.map(
+        lambda xc: _chunk_fwd(_gather_columns(xc, rows, bh), vals, xc.dtype),
+        _row_chunks(x_MxK, chunk),
+    )
+    return y.reshape(-1, y.shape[-1])[:m], (x_MxK, values, rows, counts, k)
 
 
 def _bwd(chunk, res, dy_MxN):
-    x_MxK, values, rows, counts = res
-    m = x_MxK.shape[0]
-    chunk = min(chunk, m)
-    vals = values.astype(x_MxK.dtype)
+    x_or_xg, values, rows, counts, k = res
+    m = dy_MxN.shape[0]
+    vals = values.astype(x_or_xg.dtype)
+    dy_MxN = dy_MxN.astype(x_or_xg.dtype)
+    if _unchunked(chunk, m):
+        dx, dvals = _chunk_bwd(x_or_xg, dy_MxN, vals, rows, k)
+    else:  # gather again, a chunk of rows at a time
 
-    def body(dvals, xs):
-        dx, dv = _chunk_bwd(*xs, vals, rows)
-        return dvals + dv, dx
+        def body(dvals, xs):
+            x_c, dy_c = xs
+            dx, dv = _chunk_bwd(_gather_columns(x_c, rows, values.shape[2]), dy_c, vals, rows, k)
+            return dvals + dv, dx
 
-    dvals0 = jnp.zeros(values.shape, jnp.float32)
-    chunks = (_row_chunks(x_MxK, chunk), _row_chunks(dy_MxN.astype(x_MxK.dtype), chunk))
-    dvals, dx = jax.lax.scan(body, dvals0, chunks)
+        dvals0 = jnp.zeros(values.shape, jnp.float32)
+        chunks = (_row_chunks(x_or_xg, chunk), _row_chunks(dy_MxN, chunk))
+        dvals, dx = jax.lax.scan(body, dvals0, chunks)
+        dx = dx.reshape(-1, k)[:m]
     dvals = jnp.where(_valid(counts, rows.shape[1])[:, :, None, None], dvals, 0)
     zero_int = lambda a: np.zeros(a.shape, jax.dtypes.float0)
-    return (
-        dx.reshape(-1, x_MxK.shape[1])[:m],
-        dvals.astype(values.dtype),
-        zero_int(rows),
-        zero_int(counts),
-    )
+    return dx, dvals.astype(values.dtype), zero_int(rows), zero_int(counts)
 
 
 _xla_block.defvjp(_fwd, _bwd)
 
 
-def block_columns_matmul(x, values, rows, counts, *, chunk: int = DEFAULT_CHUNK) -> jax.Array:
+def block_columns_matmul(
+    x, values, rows, counts, *, chunk: int | None = DEFAULT_CHUNK
+) -> jax.Array:
     """y [..., N] = x [..., K] @ the kernel held as (values, rows, counts) (see `pack_columns`),
-    gathered path, `chunk` rows at a time."""
+    gathered path; all rows at once (None) or `chunk` rows at a time."""
     nb, _, bh, bw = values.shape
     lead, k = x.shape[:-1], x.shape[-1]
-    y = _xla_block(x.reshape(-1, k), values, rows, counts, int(chunk))
+    y = _xla_block(x.reshape(-1, k), values, rows, counts, None if chunk is None else int(chunk))
     return y.reshape(*lead, nb * bw)
 
 
@@ -248,7 +262,7 @@ def xla_block_matmul(
     packed: BlockPacked,
     *,
     strategy: str = "auto",
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = DEFAULT_CHUNK,
 ) -> jax.Array:
     """y [..., N] = x [..., K] @ unpack_block(packed) in plain XLA (no Pallas).
 
