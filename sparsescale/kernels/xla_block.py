@@ -201,27 +201,27 @@ def _unchunked(chunk: int | None, m: int) -> bool:
     return chunk is None or chunk >= m
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _xla_block(x_MxK, values, rows, counts, chunk):
-    return _fwd(x_MxK, values, rows, counts, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _xla_block(x_MxK, values, rows, counts, chunk, k):
+    return _fwd(x_MxK, values, rows, counts, chunk, k)[0]
 
 
-def _fwd(x_MxK, values, rows, counts, chunk):
-    m, k = x_MxK.shape
+def _fwd(x_MxK, values, rows, counts, chunk, k):
+    m = x_MxK.shape[0]
     vals = values.astype(x_MxK.dtype)
     bh = values.shape[2]
     if _unchunked(chunk, m):  # keep the gathered x for the backward
         xg_NbxMxBbh = _gather_columns(x_MxK, rows, bh)
-        return _chunk_fwd(xg_NbxMxBbh, vals, x_MxK.dtype), (xg_NbxMxBbh, values, rows, counts, k)
+        return _chunk_fwd(xg_NbxMxBbh, vals, x_MxK.dtype), (xg_NbxMxBbh, values, rows, counts)
     y = jax.lax.map(
         lambda xc: _chunk_fwd(_gather_columns(xc, rows, bh), vals, xc.dtype),
         _row_chunks(x_MxK, chunk),
     )
-    return y.reshape(-1, y.shape[-1])[:m], (x_MxK, values, rows, counts, k)
+    return y.reshape(-1, y.shape[-1])[:m], (x_MxK, values, rows, counts)
 
 
-def _bwd(chunk, res, dy_MxN):
-    x_or_xg, values, rows, counts, k = res
+def _bwd(chunk, k, res, dy_MxN):
+    x_or_xg, values, rows, counts = res
     m = dy_MxN.shape[0]
     vals = values.astype(x_or_xg.dtype)
     dy_MxN = dy_MxN.astype(x_or_xg.dtype)
@@ -253,7 +253,8 @@ def block_columns_matmul(
     gathered path; all rows at once (None) or `chunk` rows at a time."""
     nb, _, bh, bw = values.shape
     lead, k = x.shape[:-1], x.shape[-1]
-    y = _xla_block(x.reshape(-1, k), values, rows, counts, None if chunk is None else int(chunk))
+    chunk = None if chunk is None else int(chunk)
+    y = _xla_block(x.reshape(-1, k), values, rows, counts, chunk, k)
     return y.reshape(*lead, nb * bw)
 
 
