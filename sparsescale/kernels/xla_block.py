@@ -149,7 +149,7 @@ def _gather_columns(x_MxK, rows_NbxB, bh: int):
     return xg.transpose(1, 0, 2, 3).reshape(nb, m, budget * bh)
 
 
-def _chunk_fwd(xg_NbxMxBbh, vals, dtype):
+def _fwd_gathered(xg_NbxMxBbh, vals, dtype):
     """y [M, N] from the gathered x of some rows (`_gather_columns`)."""
     nb, budget, bh, bw = vals.shape
     y_NbxMxbw = jnp.matmul(
@@ -158,7 +158,7 @@ def _chunk_fwd(xg_NbxMxBbh, vals, dtype):
     return y_NbxMxbw.transpose(1, 0, 2).reshape(-1, nb * bw).astype(dtype)
 
 
-def _chunk_bwd(xg_NbxMxBbh, dy_MxN, vals, rows, k: int):
+def _bwd_gathered(xg_NbxMxBbh, dy_MxN, vals, rows, k: int):
     """(dx [M, K], dvalues [Nb, B, bh, bw] f32) for some rows, from their gathered x."""
     m = dy_MxN.shape[0]
     nb, budget, bh, bw = vals.shape
@@ -212,9 +212,9 @@ def _fwd(x_MxK, values, rows, counts, chunk, k):
     bh = values.shape[2]
     if _unchunked(chunk, m):  # keep the gathered x for the backward
         xg_NbxMxBbh = _gather_columns(x_MxK, rows, bh)
-        return _chunk_fwd(xg_NbxMxBbh, vals, x_MxK.dtype), (xg_NbxMxBbh, values, rows, counts)
+        return _fwd_gathered(xg_NbxMxBbh, vals, x_MxK.dtype), (xg_NbxMxBbh, values, rows, counts)
     y = jax.lax.map(
-        lambda xc: _chunk_fwd(_gather_columns(xc, rows, bh), vals, xc.dtype),
+        lambda xc: _fwd_gathered(_gather_columns(xc, rows, bh), vals, xc.dtype),
         _row_chunks(x_MxK, chunk),
     )
     return y.reshape(-1, y.shape[-1])[:m], (x_MxK, values, rows, counts)
@@ -226,12 +226,12 @@ def _bwd(chunk, k, res, dy_MxN):
     vals = values.astype(x_or_xg.dtype)
     dy_MxN = dy_MxN.astype(x_or_xg.dtype)
     if _unchunked(chunk, m):
-        dx, dvals = _chunk_bwd(x_or_xg, dy_MxN, vals, rows, k)
+        dx, dvals = _bwd_gathered(x_or_xg, dy_MxN, vals, rows, k)
     else:  # gather again, a chunk of rows at a time
 
         def body(dvals, xs):
             x_c, dy_c = xs
-            dx, dv = _chunk_bwd(_gather_columns(x_c, rows, values.shape[2]), dy_c, vals, rows, k)
+            dx, dv = _bwd_gathered(_gather_columns(x_c, rows, values.shape[2]), dy_c, vals, rows, k)
             return dvals + dv, dx
 
         dvals0 = jnp.zeros(values.shape, jnp.float32)
