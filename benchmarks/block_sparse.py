@@ -1,6 +1,6 @@
 """Block-sparse training speed (issue 8): the block-sparse layer and whole train steps vs dense.
 
-    python benchmarks/block_sparse.py [--quick] [--cores 1]
+    python benchmarks/block_sparse.py [--quick] [--cores 1] [--out PATH]
 
 1. Layers: forward+backward of x [M, K] @ kernel [K, N] (M = 4096 tokens, the CPU presets'
    batch), masked dense (`x @ (w ⊙ mask)`, what every mask-based library runs) vs the block path
@@ -13,8 +13,9 @@
 
 Writes the package's tuning data `sparsescale/tuning/block_sparse_<backend>.json` (with the machine
 it was measured on; the trainer reads the break-even densities from it through `sparsescale.tuning`)
-and the figure `benchmarks/results/block_sparse_<backend>.png`. Ratios are measured within one
-process.
+and the figure `benchmarks/results/block_sparse_<backend>.png`; `--out PATH` writes the record to
+PATH and the figure beside it instead (another machine's measurement, leaving the trainer's data as
+it is). Ratios are measured within one process.
 """
 
 from __future__ import annotations
@@ -337,6 +338,7 @@ def main():
         "--presets", help="time only these presets' train steps (comma-separated); the saved "
         "rows of the other cases are kept"
     )  # fmt: skip
+    parser.add_argument("--out", help="write the record here (and the figure beside it as .png)")
     args = parser.parse_args()
     _pin(args.cores)
     import jax
@@ -389,8 +391,9 @@ def main():
             "train_steps": steps,
             "wall_s": time.time() - start,
         },
+        args.out,
     )
-    figure = common.RESULTS / f"{name}.png"
+    figure = path.with_suffix(".png") if args.out else common.RESULTS / f"{name}.png"
     figure.parent.mkdir(parents=True, exist_ok=True)
     plot(json.loads(path.read_text()), figure)
     print("wrote", path, "and", figure)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from sparsescale import tuning
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,17 +47,8 @@ def matmul_flops_per_s(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 / time_fn(f, a, repeats=repeats)
 
 
-def write(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}_{jax.default_backend()}.json"
-    payload = {
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "machine": platform.processor() or platform.machine(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **payload,
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
-    return path
+def write(name: str, payload: dict, out: str | Path | None = None) -> Path:
+    """Writes `payload` to `out` (default benchmarks/results/<name>_<backend>.json) atomically,
+    with the time, the machine and the code version that measured it (`tuning.write`)."""
+    out = Path(out) if out else RESULTS / f"{name}_{jax.default_backend()}.json"
+    return tuning.write(name, payload, out)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import sys
@@ -481,11 +480,7 @@ def main(argv=None) -> Path:
         result["notes"].append("CPU: Pallas runs in interpret mode; times test the script only")
     result["wall_s"] = runner.elapsed()
 
-    out = args.out or common.RESULTS / f"device_{backend}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    out = common.write("device", result, args.out)
     print(f"wrote {out} ({result['wall_s']:.0f} s)")
     for name, t in result["targets"].items():
         print(f"target {name}: {t['measured']} vs >= {t['threshold']}: passed={t['passed']}")

@@ -11,6 +11,9 @@
 #    on sys.path); a case whose imports are missing records the error in the JSON.
 # 2. runs `python benchmarks/device.py --out $OUT/device_<backend>.json` with the time left of
 #    TOTAL_S (default 450 s, under 8 minutes), less a margin for the last case to finish.
+# The JSON names the code that measured it (`code_version`): `git describe` where the copy has its
+# git history, else $SPARSESCALE_CODE_VERSION, so set it where the history is when composing the
+# command: SPARSESCALE_CODE_VERSION=<git describe --always --dirty here> bash benchmarks/device.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)

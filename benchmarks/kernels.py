@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from sparsescale.kernels import (
     block_matmul,
     nm_matmul,
@@ -32,8 +32,6 @@ from sparsescale.kernels import (
 )
 from sparsescale.kernels.formats import nm_bytes_per_element
 from sparsescale.kernels.xla_block import choose_strategy
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def time_fns(calls, iters: int) -> list[float]:
@@ -236,10 +234,7 @@ def main():
     ]
     result["wall_s"] = time.time() - t0
 
-    out = args.out or RESULTS / f"kernels_{backend}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {common.write('kernels', result, args.out)}")
 
 
 if __name__ == "__main__":

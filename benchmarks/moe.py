@@ -8,7 +8,7 @@ Each function is a jitted value-and-grad of a squared-error loss over the nnx.Pa
 Timings are interleaved over `--repeats` rounds and the median is reported.
 
   python benchmarks/moe.py [--tokens 2048 --d-model 256 --d-ff 512 --mlp gelu]
-      [--out benchmarks/results/moe_cpu.json]
+      [--out PATH]
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks import common
 from sparsescale.accounting import moe_layer_counts, moe_layer_flops_per_token
 from sparsescale.moe import MoE, MoEConfig
 
@@ -87,7 +86,9 @@ def main(argv=None):
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
-    parser.add_argument("--out", default="benchmarks/results/moe_cpu.json")
+    parser.add_argument(
+        "--out", default=None, help="default: benchmarks/results/moe_<backend>.json"
+    )
     args = parser.parse_args(argv)
     if args.tokens % args.seq_len:
         parser.error(f"--tokens ({args.tokens}) must be a multiple of --seq-len ({args.seq_len})")
@@ -137,7 +138,6 @@ def main(argv=None):
     report = {
         "benchmark": "moe_layer_fwd_bwd",
         "device": str(jax.devices()[0].device_kind),
-        "platform": platform.platform(),
         "cpu_count_visible": len(jax.devices()),
         "args": vars(args),
         "moe_config": dataclasses.asdict(cfg),
@@ -146,9 +146,7 @@ def main(argv=None):
         "results": results,
         "ratios": ratios,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    common.write("moe", report, args.out)
     print(json.dumps({"ratios": ratios, "params": counts}, indent=2))
     return report
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import functools
 import getpass
 import os
 import re
@@ -23,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsescale import run_files
-
-REPO = Path(__file__).resolve().parents[1]
+from sparsescale.provenance import code_version
 
 LAUNCH_FILE = run_files.LAUNCH
 
@@ -75,22 +73,6 @@ def edit_launch_state(workdir: Path) -> Iterator[dict[str, Any]]:
             os.replace(workdir / LAUNCH_FILE, workdir / f"{LAUNCH_FILE}.damaged-{stamp}")
         yield state
         run_files.write_json_atomic(workdir / LAUNCH_FILE, state)
-
-
-@functools.cache
-def code_version(repo: Path = REPO) -> str:
-    """`git describe --always --dirty` of the launcher's own checkout, or "unknown" outside git."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def begin_attempt(workdir: Path, backend: str, **fields: Any) -> int:

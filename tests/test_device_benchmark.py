@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import device
+from sparsescale import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +34,9 @@ def test_device_benchmark_tiny_writes_every_section(tmp_path):
     r = json.loads(out.read_text())
 
     assert r["backend"] == "cpu" and r["tiny"] and r["device_kind"] and r["jax_version"]
+    # It names the code that measured it (this checkout, found from the package, not the cwd).
+    assert r["code_version"] == provenance.code_version() != "unknown"
+    assert r["measured_on"]["backend"] == "cpu" and r["measured"]
     assert r["reference"]["peak_bf16_flops_per_s"] == "unknown"  # CPU is not in the table
     assert _finite(r["reference"]["matmul_flops_per_s"])
 

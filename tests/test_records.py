@@ -10,7 +10,7 @@ import sys
 
 from launch import records, state, sweep
 from sparsescale import config as config_lib
-from sparsescale import run_files
+from sparsescale import provenance, run_files
 
 SWEEP = [{"sparsity.target": 0.5}, {"sparsity.target": 0.75}, {"sparsity.target": 0.875}]
 
@@ -62,6 +62,15 @@ def test_record_round_trip_thins_the_curve(tmp_path, experiment_file):
     table = records.results_frame(tmp_path / "records")
     assert list(table["run_id"]) == [a] and list(table["status"]) == ["done"]
     assert state.code_version.__wrapped__(tmp_path) == "unknown"  # not a git repository
+
+
+def test_code_version_outside_git_comes_from_the_environment(tmp_path, monkeypatch):
+    # A copy of the tree without its history (a lent device machine) is told its version.
+    monkeypatch.setenv(provenance.ENV, "copied-tree-v1")
+    assert provenance.code_version.__wrapped__(tmp_path) == "copied-tree-v1"
+    # Inside a checkout git decides, whatever the environment says.
+    assert provenance.code_version.__wrapped__(provenance.REPO) == provenance.code_version()
+    assert provenance.code_version() != "copied-tree-v1"
 
 
 def test_sweep_trains_only_runs_without_a_matching_record(tmp_path, experiment_file):

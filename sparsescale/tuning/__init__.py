@@ -7,7 +7,8 @@
 | `stacking.json` | `benchmarks/stacking.py` | `max_stack` (launcher: runs per stacked job) | `DEFAULT_MAX_STACK` (4) |
 | `threads.json` | `benchmarks/threads.py` | `jobs_threads` (local launcher: jobs × threads) | one job per core, 1 thread each |
 
-Each benchmark stores the machine it measured on (`write` adds `measured_on`, see `machine()`).
+Each benchmark stores the machine it measured on and the code version (`write` adds `measured_on`,
+see `machine()`, and `code_version`).
 A measurement taken with a different number of cores than this process may use is not applied
 (stacking, threads). Whenever a default is used, the reason is logged (once per file).
 """
@@ -25,6 +26,8 @@ import socket
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from sparsescale import provenance
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +91,15 @@ def machine() -> dict[str, Any]:
 
 
 def write(name: str, record: dict[str, Any], out: str | os.PathLike | None = None) -> Path:
-    """Writes `record` (plus `measured_on`: `machine()`, and `measured`: the UTC time) atomically
-    to `out`, by default to the package data file `<name>.json`. Returns the path."""
+    """Writes `record` (plus `measured`: the UTC time, `measured_on`: `machine()`, and
+    `code_version`: the code that measured it) atomically to `out`, by default to the package
+    data file `<name>.json`. Returns the path."""
     out = Path(out) if out is not None else path(name)
     record = {
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **record,
         "measured_on": machine(),
+        "code_version": provenance.code_version(),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
