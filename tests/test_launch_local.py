@@ -55,8 +55,9 @@ def test_sweep_survives_kill_reports_failure_and_collects(
     args = ["run", f"{exp}:smoke", "--root", str(root), "--jobs", "2", "--max-retries", "1"]
     args += ["--stack", "4"]  # the two short runs differ only in sparsity: one stacked job
 
-    # 1. launch in its own process group; SIGKILL launcher and trainers once the launcher has
-    #    recorded the short runs as done and the long run has two committed checkpoints
+    # 1. launch in its own process group; pause the long run's trainer (SIGSTOP) once it has two
+    #    committed checkpoints, so that it cannot finish first on a fast machine; SIGKILL launcher
+    #    and trainers once the launcher has recorded the short runs as done
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch", *args],
         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),  # one CPU device per run
@@ -65,15 +66,22 @@ def test_sweep_survives_kill_reports_failure_and_collects(
         start_new_session=True,
     )
     ckpts = root / long / "checkpoints"
+
+    def long_paused() -> bool:
+        if len([p for p in ckpts.glob("*") if (p / "commit_success.txt").exists()]) < 2:
+            return False
+        os.kill(attempts(root, long)[-1]["pid"], signal.SIGSTOP)
+        return True
+
     try:
+        wait_for(long_paused, 400, "two checkpoints of the long run")
         wait_for(
             lambda: (
                 all((root / r / "launch.json").exists() for r in ok)
                 and all(attempts(root, r)[-1].get("outcome") == "done" for r in ok)
-                and len([p for p in ckpts.glob("*") if (p / "commit_success.txt").exists()]) >= 2
             ),
             400,
-            "the short runs and two checkpoints of the long run",
+            "the short runs",
         )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
