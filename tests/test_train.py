@@ -30,7 +30,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, final_state, main_cmd, metri
     proc = subprocess.Popen(
         main_cmd(killed, *args), env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    kill_at = np.random.default_rng().integers(6, 18)
+    kill_at = np.random.default_rng().integers(6, 13)  # ≥ 11 steps before the end: fast VMs
     deadline = time.time() + 300
     metrics = killed / "metrics.jsonl"
     while time.time() < deadline:
