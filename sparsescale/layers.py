@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,31 @@ def lazy_sharding(init):
             return init(*args, **kwargs)
 
     return wrapped
+
+
+# Calibration (`sparsescale.oneshot`) sees what each layer is called with, at trace time: layers
+# call `observe(self, x)` first. Nothing is observed, and nothing is added to a step, unless a
+# caller installs an observer with `observing`.
+_INPUT_OBSERVER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "sparsescale_input_observer", default=None
+)
+
+
+@contextlib.contextmanager
+def observing(observer: Callable[[nnx.Module, jax.Array], None]) -> Iterator[None]:
+    """Within the block, every `SparseLinear` (and `moe.MoE`) call runs `observer(module, x)`
+    on its input first (under jit: at trace time, on the traced input)."""
+    token = _INPUT_OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _INPUT_OBSERVER.reset(token)
+
+
+def observe(module: nnx.Module, x: jax.Array) -> None:
+    observer = _INPUT_OBSERVER.get()
+    if observer is not None:
+        observer(module, x)
 
 
 class Mask(nnx.Variable):
@@ -151,6 +178,7 @@ class SparseLinear(nnx.Module):
         return masked_kernel(self.kernel[...], self.mask[...], self.dense_grad)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        observe(self, x)
         bias = None if self.bias is None else self.bias[...]
         if self.impl == "masked":
             kernel = self.effective_kernel()

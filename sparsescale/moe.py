@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsescale.layers import Mask, lazy_sharding, masked_kernel
+from sparsescale.layers import Mask, lazy_sharding, masked_kernel, observe
 
 GATINGS = ("topk_softmax", "softmax_topk")
 DISPATCHES = ("dropless", "capacity")
@@ -279,6 +279,7 @@ class MoE(nnx.Module):
         to the LM loss), "expert_load" [E] f_i, "dropped_fraction" of (token, choice) pairs,
         "router_entropy" mean entropy (nats) of the full router softmax.
         """
+        observe(self, x_BxLxD)
         cfg = self.cfg
         B, L, D = x_BxLxD.shape
         T, K = B * L, cfg.top_k
@@ -298,6 +299,33 @@ class MoE(nnx.Module):
         y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(self.dtype))
         aux = router_stats(logits_TxE, experts_TxK, kept_TxK, cfg)
         return y_TxD.reshape(B, L, D).astype(x_BxLxD.dtype), aux
+
+    def expert_input_grams(self, x_BxLxD: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """{expert kernel name: (gram_ExIxI, tokens_E)}: Σ x xᵀ over the tokens routed to each
+        expert, of the input of every expert kernel (w_in / w_gate / w_up see the layer input,
+        w_out the hidden activations), as dropless dispatch routes them (capacity drops are not
+        modelled). What one-shot pruning (`sparsescale.oneshot`) calibrates experts with."""
+        B, L, D = x_BxLxD.shape
+        x_TxD = x_BxLxD.reshape(B * L, D).astype(self.dtype)
+        logits_TxE = jnp.dot(x_TxD.astype(jnp.float32), self.router_kernel[...].astype(jnp.float32))
+        _, experts_TxK = route(logits_TxE, self.cfg.top_k, self.cfg.gating)
+        routed_ExT = jnp.any(
+            jax.nn.one_hot(experts_TxK, self.cfg.num_experts, dtype=jnp.bool_), axis=1
+        ).T
+        # Rows of tokens not routed to an expert are zero and stay zero through the MLP
+        # (gelu(0) = silu(0)·0 = 0), so they add nothing to that expert's gram.
+        x_ExTxD = jnp.where(routed_ExT[..., None], x_TxD[None], 0)
+        names = {id(lin): name for name, lin in vars(self).items() if isinstance(lin, ExpertLinear)}
+        tokens_E = jnp.sum(routed_ExT, axis=1, dtype=jnp.int32)
+        grams = {}
+
+        def matmul(h_ExTxI, lin):
+            h32 = h_ExTxI.astype(jnp.float32)
+            grams[names[id(lin)]] = (jnp.einsum("eti,etj->eij", h32, h32), tokens_E)
+            return jnp.einsum("eti,eio->eto", h_ExTxI, lin.weight(self.dtype))
+
+        self._expert_mlp(x_ExTxD, matmul)
+        return grams
 
     def _ragged_dot(self, x_TxD, experts_TxK):
         """Dropless: sort the T*K pairs by expert, grouped matmuls with `jax.lax.ragged_dot`."""

@@ -1,6 +1,6 @@
 """The README runs as written: the python blocks of "1. Reuse the sparse layers", extracted
 verbatim and executed in order, prune a user's own model gradually to the target sparsity in a
-plain `jax.jit` loop while the loss goes down; every command it shows names files and modules
+plain `jax.jit` loop while the loss goes down, then prune another one-shot; every command it shows names files and modules
 that exist, and the cheap ones (help, dry runs, status) succeed."""
 
 import os
@@ -46,6 +46,15 @@ def test_reusing_the_sparse_layers_section_runs(capsys):
         mask = np.asarray(traverse_util.flatten_dict(masks)[(*path[:-1], "mask")])
         assert not np.any(np.asarray(params[path])[~mask])
     assert f"sparsity {target:.3f}" in capsys.readouterr().out
+
+    # One-shot: the trained model's hidden layer is 2:4 by SparseGPT, the excluded one dense.
+    trained, report = namespace["trained"], namespace["report"]
+    assert list(report) == ["hidden"] and report["hidden"]["sparsity"] == 0.5
+    keep = np.asarray(trained.hidden.mask[...])
+    assert np.all(keep.reshape(2, 4, -1).sum(axis=1) == 2)
+    assert not np.any(np.asarray(trained.hidden.kernel[...])[~keep])
+    assert 0 < report["hidden"]["relative_error"] < 1
+    assert not hasattr(trained.out, "mask")
 
 
 def _commands() -> list[list[str]]:
