@@ -132,6 +132,8 @@ def tidy(frame: pd.DataFrame, *, origin: str = "<DataFrame>") -> pd.DataFrame:
         "allocation": "",
         "schedule": "",
         "steps": np.nan,
+        "batch_size": np.nan,  # summaries before these two columns existed
+        "lr": np.nan,
         "flops_per_token": np.nan,
         "train_flops": np.nan,
         "eval_bpb": np.nan,

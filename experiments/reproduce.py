@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"  # committed results: figures/<figure>/<preset>/ and RESULTS.md
 FIGURES = (
     "headline",
+    "crossover",
     "fig1_size",
     "fig2_structure",
     "fig3_moe",

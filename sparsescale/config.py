@@ -214,6 +214,8 @@ def summary_fields(cfg: RunConfig, counts: dict) -> dict:
         "allocation": cfg.sparsity.allocation,
         "schedule": json.dumps(dataclasses.asdict(cfg.sparsity.schedule), sort_keys=True),
         "steps": cfg.train.steps,
+        "batch_size": cfg.data.batch_size,
+        "lr": cfg.train.lr,
         "seed": cfg.train.seed,
         "task": cfg.data.name,
         "config_hash": cfg.hash(),

@@ -24,7 +24,9 @@ def _run(figure, root):
     ), root / figure / "smoke" / "analysis"
 
 
-@pytest.mark.parametrize("figure", ["fig1_size", "fig2_structure", "fig3_moe", "fig4_tasks"])
+@pytest.mark.parametrize(
+    "figure", ["fig1_size", "fig2_structure", "fig3_moe", "fig4_tasks", "crossover"]
+)
 def test_smoke_trains_and_reports(figure, dirs):
     from importlib import import_module
 
