@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from sparsescale import pruner as pruner_lib
+from sparsescale import sparsity as sp
 from sparsescale.layers import Mask
 
 Path = tuple
@@ -123,6 +124,29 @@ def optimizer_masks(params: Mapping, masks: Mapping) -> dict:
         for path in traverse_util.flatten_dict(params)
     }
     return traverse_util.unflatten_dict(flat)
+
+
+def srste_gradients(
+    pruner: pruner_lib.Pruner, params: Mapping, masks: Mapping, grads: Mapping, strength: float
+) -> dict:
+    """`grads` with SR-STE's sparse-refined term λ·(1 − mask)⊙w added to every pruned kernel's
+    gradient (`sparsity.srste_decay`), for the masks in force after this step's update."""
+    kernels, kernel_masks = pruned_kernels(pruner, params, masks)
+    flat = traverse_util.flatten_dict(grads)
+    for p in pruner.paths:
+        flat[p] = flat[p] + sp.srste_decay(kernels[p], kernel_masks[p], strength)
+    return traverse_util.unflatten_dict(flat)
+
+
+def layer_sparsity(pruner: pruner_lib.Pruner, masks: Mapping) -> dict[Path, jax.Array]:
+    """{kernel path: fraction of its weights masked out} for every pruned kernel."""
+    fm = traverse_util.flatten_dict(masks)
+    return {
+        p: 1.0
+        - jnp.sum(fm[pruner_lib.kernel_to_mask_path(p)], dtype=jnp.float32)
+        / math.prod(pruner.shapes[p])
+        for p in pruner.paths
+    }
 
 
 def sparsity(pruner: pruner_lib.Pruner, masks: Mapping) -> jax.Array:

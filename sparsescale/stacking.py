@@ -138,6 +138,15 @@ def stacked_sharding(s: jax.sharding.NamedSharding) -> jax.sharding.NamedShardin
     return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec))
 
 
+def stacked_shardings(shardings: dict) -> dict:
+    """State shardings {params, masks, rest, opt, step} with the variant axis (step: shared)."""
+    is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)
+    return {
+        k: v if k == "step" else jax.tree.map(stacked_sharding, v, is_leaf=is_sharding)
+        for k, v in shardings.items()
+    }
+
+
 def over_variants(fn: Callable, vmap_width: int | None, has_variant: bool = True) -> Callable:
     """`fn(state, batch[, variant])` over the leading variant axis of a stacked state, sharing the
     step counter. The variants run `vmap_width` at a time (`lax.map`): on CPU one at a time is the

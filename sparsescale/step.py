@@ -10,6 +10,7 @@ The model is split once (`nnx.split`); the step takes and returns a plain pytree
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -24,30 +25,9 @@ from sparsescale import model as model_lib
 from sparsescale import pruner as pruner_lib
 from sparsescale import sharding as shard_lib
 from sparsescale import sparsity as sp
-from sparsescale.config import RunConfig, TrainConfig
+from sparsescale.config import RunConfig
 from sparsescale.layers import Mask, use_block_path
-
-
-def learning_rate(cfg: TrainConfig) -> optax.Schedule:
-    warmup = max(1, int(cfg.warmup_frac * cfg.steps))
-    return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio
-    )
-
-
-def make_optimizer(cfg: TrainConfig, sparsity: pruner_lib.SparsityConfig):
-    def decay_mask(params):  # no weight decay on norms and biases
-        flat = traverse_util.flatten_dict(params)
-        keep = {k: v.ndim >= 2 for k, v in flat.items()}
-        return traverse_util.unflatten_dict(keep)
-
-    tx = optax.chain(
-        optax.clip_by_global_norm(cfg.clip),
-        optax.adamw(
-            learning_rate(cfg), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask
-        ),
-    )
-    return pruner_lib.keep_pruned_zero(tx) if sparsity.keeps_pruned_zero else tx
+from sparsescale.optim import learning_rate, make_optimizer  # noqa: F401 (re-exported)
 
 
 def as_state(template: nnx.State, pure: dict) -> nnx.State:
@@ -58,6 +38,71 @@ def as_state(template: nnx.State, pure: dict) -> nnx.State:
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+
+
+def apply_model(graphdef, templates: dict, params, masks, rest, tokens_BxL):
+    """The model's (logits, aux) for `tokens_BxL`, merged from pure-dict state."""
+    model = nnx.merge(
+        graphdef,
+        as_state(templates["params"], params),
+        as_state(templates["masks"], masks),
+        as_state(templates["rest"], rest),
+    )
+    return model(tokens_BxL)
+
+
+def bound_pruner(pruner: pruner_lib.Pruner, variant: dict | None) -> pruner_lib.Pruner:
+    """The pruner of one stacked variant (its traced targets and seed); `pruner` for one run."""
+    if variant is None:
+        return pruner
+    final = {p: variant["final_sparsity"][sp.path_str(p)] for p in pruner.paths}
+    return pruner.bind(final, variant["prune_seed"])
+
+
+def train_step(state, batch_BxL1, variant=None, *, model, pruner, tx, cfg: RunConfig):
+    """One optimizer step: loss and gradients over `nnx.Param` only, the masks' update (on the
+    schedule's steps), SR-STE's gradient term, the masked optimizer update; (new state, metrics).
+    `model(params, masks, rest, tokens)` is the bound `apply_model`."""
+    inputs, targets = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
+    step = state["step"]
+
+    def loss_fn(params):
+        logits, aux = model(params, state["masks"], state["rest"], inputs)
+        loss = jnp.mean(cross_entropy(logits, targets))
+        return loss + aux["aux_loss"], (loss, aux)
+
+    (_, (loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    prune = bound_pruner(pruner, variant)
+    masks = masking.update_masks(prune, step, state["params"], state["masks"], grads)
+    if cfg.sparsity.method == "srste":
+        strength = cfg.sparsity.srste_decay
+        grads = masking.srste_gradients(prune, state["params"], masks, grads, strength)
+    extra = {}
+    if cfg.sparsity.keeps_pruned_zero:
+        extra = {"masks": masking.optimizer_masks(state["params"], masks)}
+    updates, opt = tx.update(grads, state["opt"], state["params"], **extra)
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {
+        "train/loss": loss,
+        "train/aux_loss": aux["aux_loss"],
+        "train/lr": learning_rate(cfg.train)(step),
+        "norms/grad": optax.tree.norm(grads),
+        "norms/param": optax.tree.norm(params),
+        "norms/update": optax.tree.norm(updates),
+        **{k: v for k, v in aux.items() if k != "aux_loss" and jnp.ndim(v) == 0},
+    }
+    if pruner.paths:
+        metrics["sparsity/overall"] = masking.sparsity(prune, masks)
+        for p, s in masking.layer_sparsity(prune, masks).items():
+            metrics[f"sparsity/{sp.path_str(p[:-1])}"] = s
+    new_state = {"params": params, "masks": masks, "rest": state["rest"], "opt": opt}
+    return {**new_state, "step": step + 1}, metrics
+
+
+def eval_step(state, batch_BxL1, *, model):
+    """(summed next-token loss, token count) of one eval batch."""
+    logits, _ = model(state["params"], state["masks"], state["rest"], batch_BxL1[:, :-1])
+    return jnp.sum(cross_entropy(logits, batch_BxL1[:, 1:])), batch_BxL1[:, 1:].size
 
 
 @dataclasses.dataclass
@@ -131,8 +176,53 @@ def build(
     `block_budgets` ({layer path: tiles per block-column}) runs those layers block-sparse (see
     `block_phase.block_budgets_of`); the state layout does not change."""
     mesh = shard_lib.make_mesh(cfg.mesh, devices)
-    rules = cfg.mesh.rules
-    batch_axes = dict(rules).get("batch") or ()
+    check_batch(cfg, mesh)
+    fresh_model = functools.partial(_fresh_model, cfg, block_budgets)
+    graphdef, params_t, masks_t, rest_t = nnx.split(
+        nnx.eval_shape(fresh_model), nnx.Param, Mask, ...
+    )
+    templates = {"params": params_t, "masks": masks_t, "rest": rest_t}
+    params_pure, masks_pure = nnx.to_pure_dict(params_t), nnx.to_pure_dict(masks_t)
+    pruner = masking.make_pruner(params_pure, masks_pure, cfg.sparsity, cfg.train.steps)
+    tx = make_optimizer(cfg.train, cfg.sparsity)
+    state_sh = state_shardings(cfg, mesh, templates, tx)
+    batch_sh = shard_lib.batch_sharding(mesh, cfg.mesh.rules)
+    replicated = state_sh["step"]
+
+    init = functools.partial(
+        init_state, fresh_model=fresh_model, pruner=pruner, tx=tx, seed=cfg.train.seed
+    )
+    model = functools.partial(apply_model, graphdef, templates)
+    train = functools.partial(train_step, model=model, pruner=pruner, tx=tx, cfg=cfg)
+    evaluate = functools.partial(eval_step, model=model)
+    if num_variants is not None:  # the step counter is shared: mask-update conds stay conds
+        state_sh = stacking.stacked_shardings(state_sh)
+        batch_sh = stacking.stacked_sharding(batch_sh)
+        init = jax.vmap(init, out_axes=stacking.STACK_AXES)
+        train = stacking.over_variants(train, vmap_width)
+        evaluate = stacking.over_variants(evaluate, vmap_width, has_variant=False)
+    step_in = (state_sh, batch_sh) if num_variants is None else (state_sh, batch_sh, replicated)
+    return Trainer(
+        cfg=cfg,
+        mesh=mesh,
+        graphdef=graphdef,
+        templates=templates,
+        pruner=pruner,
+        tx=tx,
+        state_shardings=state_sh,
+        batch_sharding=batch_sh,
+        init_fn=jax.jit(init, out_shardings=state_sh),
+        step_fn=jax.jit(
+            train, in_shardings=step_in, out_shardings=(state_sh, replicated), donate_argnums=0
+        ),
+        eval_fn=jax.jit(evaluate, in_shardings=(state_sh, batch_sh), out_shardings=replicated),
+        num_variants=num_variants,
+    )
+
+
+def check_batch(cfg: RunConfig, mesh) -> None:
+    """The global batch must split evenly over the mesh's batch axes."""
+    batch_axes = dict(cfg.mesh.rules).get("batch") or ()
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
     shards = math.prod(mesh.shape[a] for a in batch_axes)
     if cfg.data.batch_size % shards:
@@ -141,21 +231,20 @@ def build(
             f"of the mesh ({', '.join(f'{a}={mesh.shape[a]}' for a in batch_axes)})."
         )
 
-    def fresh_model(seed=cfg.train.seed):
-        model = model_lib.Transformer(cfg.model, rngs=nnx.Rngs(seed))
-        if block_budgets:
-            use_block_path(model, block_budgets, cfg.sparsity.structure)
-        return model
 
-    abstract = nnx.eval_shape(fresh_model)
-    graphdef, params_t, masks_t, rest_t = nnx.split(abstract, nnx.Param, Mask, ...)
-    templates = {"params": params_t, "masks": masks_t, "rest": rest_t}
+def _fresh_model(cfg: RunConfig, block_budgets, seed=None):
+    model = model_lib.Transformer(
+        cfg.model, rngs=nnx.Rngs(cfg.train.seed if seed is None else seed)
+    )
+    if block_budgets:
+        use_block_path(model, block_budgets, cfg.sparsity.structure)
+    return model
 
-    params_pure, masks_pure = nnx.to_pure_dict(params_t), nnx.to_pure_dict(masks_t)
-    pruner = masking.make_pruner(params_pure, masks_pure, cfg.sparsity, cfg.train.steps)
-    tx = make_optimizer(cfg.train, cfg.sparsity)
 
-    # Shardings from logical axis names.
+def state_shardings(cfg: RunConfig, mesh, templates: dict, tx) -> dict:
+    """NamedShardings of the state {params, masks, rest, opt, step} from the logical axis names
+    (optimizer moments like their parameters), after checking every dimension divides."""
+    rules = cfg.mesh.rules
     shardings = {k: shard_lib.state_shardings(t, mesh, rules) for k, t in templates.items()}
     for name in ("params", "masks"):
         flat_t = traverse_util.flatten_dict(nnx.to_pure_dict(templates[name]))
@@ -164,7 +253,7 @@ def build(
             {"/".join(map(str, p)): (flat_t[p].shape, flat_s[p].spec) for p in flat_t}, mesh
         )
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract_opt = jax.eval_shape(tx.init, params_pure)
+    abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(templates["params"]))
     opt_shardings = optax.tree_utils.tree_map_params(
         tx,
         lambda _, s: s,
@@ -173,141 +262,23 @@ def build(
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
     )
-    state_shardings = {**shardings, "opt": opt_shardings, "step": replicated}
-    batch_sharding = shard_lib.batch_sharding(mesh, rules)
+    return {**shardings, "opt": opt_shardings, "step": replicated}
 
-    def bound_pruner(variant):
-        if variant is None:
-            return pruner
-        final = {p: variant["final_sparsity"][sp.path_str(p)] for p in pruner.paths}
-        return pruner.bind(final, variant["prune_seed"])
 
-    def init(variant=None):
-        seed = cfg.train.seed if variant is None else jax.random.key(variant["seed"])
-        model = fresh_model(seed)
-        _, params, masks, rest = nnx.split(model, nnx.Param, Mask, ...)
-        params, masks = nnx.to_pure_dict(params), nnx.to_pure_dict(masks)
-        params, masks = masking.apply_initial_masks(bound_pruner(variant), params, masks)
-        return {
-            "params": params,
-            "masks": masks,
-            "rest": nnx.to_pure_dict(rest),
-            "opt": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-        }
-
-    def apply_model(params, masks, rest, tokens_BxL):
-        model = nnx.merge(
-            graphdef,
-            as_state(params_t, params),
-            as_state(masks_t, masks),
-            as_state(rest_t, rest),
-        )
-        return model(tokens_BxL)
-
-    def train_step(state, batch_BxL1, variant=None):
-        inputs, targets = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
-        step = state["step"]
-
-        def loss_fn(params):
-            logits, aux = apply_model(params, state["masks"], state["rest"], inputs)
-            loss = jnp.mean(cross_entropy(logits, targets))
-            return loss + aux["aux_loss"], (loss, aux)
-
-        (_, (loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        kernels, kernel_masks = masking.pruned_kernels(pruner, state["params"], state["masks"])
-        flat_grads = traverse_util.flatten_dict(grads)
-        new_masks = bound_pruner(variant).update(
-            step, kernels, kernel_masks, {p: flat_grads[p] for p in pruner.paths}
-        )
-        masks = masking.replace_masks(state["masks"], new_masks)
-        if cfg.sparsity.method == "srste":
-            for p in pruner.paths:
-                decay = sp.srste_decay(kernels[p], new_masks[p], cfg.sparsity.srste_decay)
-                flat_grads[p] = flat_grads[p] + decay
-            grads = traverse_util.unflatten_dict(flat_grads)
-        extra = {}
-        if cfg.sparsity.keeps_pruned_zero:
-            extra = {"masks": masking.optimizer_masks(state["params"], masks)}
-        updates, opt = tx.update(grads, state["opt"], state["params"], **extra)
-        params = optax.apply_updates(state["params"], updates)
-
-        metrics = {
-            "train/loss": loss,
-            "train/aux_loss": aux["aux_loss"],
-            "train/lr": learning_rate(cfg.train)(step),
-            "norms/grad": optax.tree.norm(grads),
-            "norms/param": optax.tree.norm(params),
-            "norms/update": optax.tree.norm(updates),
-            **{k: v for k, v in aux.items() if k != "aux_loss" and jnp.ndim(v) == 0},
-        }
-        if pruner.paths:
-            kept = {p: jnp.sum(new_masks[p], dtype=jnp.float32) for p in pruner.paths}
-            total = sum(math.prod(pruner.shapes[p]) for p in pruner.paths)
-            metrics["sparsity/overall"] = 1.0 - sum(kept.values()) / total
-            for p in pruner.paths:
-                metrics[f"sparsity/{sp.path_str(p[:-1])}"] = 1.0 - kept[p] / math.prod(
-                    pruner.shapes[p]
-                )
-        new_state = {
-            "params": params,
-            "masks": masks,
-            "rest": state["rest"],
-            "opt": opt,
-            "step": step + 1,
-        }
-        return new_state, metrics
-
-    def eval_step(state, batch_BxL1):
-        logits, _ = apply_model(state["params"], state["masks"], state["rest"], batch_BxL1[:, :-1])
-        return jnp.sum(cross_entropy(logits, batch_BxL1[:, 1:])), batch_BxL1[:, 1:].size
-
-    if num_variants is None:
-        init_fn = jax.jit(init, out_shardings=state_shardings)
-        step_fn = jax.jit(
-            train_step,
-            in_shardings=(state_shardings, batch_sharding),
-            out_shardings=(state_shardings, replicated),
-            donate_argnums=0,
-        )
-        eval_fn = jax.jit(
-            eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
-        )
-    else:  # the step counter is shared, so mask-update conds stay conds over the variants
-        is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)
-        state_shardings = {
-            k: v if k == "step" else jax.tree.map(stacking.stacked_sharding, v, is_leaf=is_sharding)
-            for k, v in state_shardings.items()
-        }
-        batch_sharding = stacking.stacked_sharding(batch_sharding)
-        init_fn = jax.jit(
-            jax.vmap(init, out_axes=stacking.STACK_AXES), out_shardings=state_shardings
-        )
-        step_fn = jax.jit(
-            stacking.over_variants(train_step, vmap_width),
-            in_shardings=(state_shardings, batch_sharding, replicated),
-            out_shardings=(state_shardings, replicated),
-            donate_argnums=0,
-        )
-        eval_fn = jax.jit(
-            stacking.over_variants(eval_step, vmap_width, has_variant=False),
-            in_shardings=(state_shardings, batch_sharding),
-            out_shardings=replicated,
-        )
-    return Trainer(
-        cfg,
-        mesh,
-        graphdef,
-        templates,
-        pruner,
-        tx,
-        state_shardings,
-        batch_sharding,
-        init_fn,
-        step_fn,
-        eval_fn,
-        num_variants,
-    )
+def init_state(variant=None, *, fresh_model, pruner, tx, seed: int) -> dict:
+    """A fresh state: the model initialised from `seed` (a stacked variant's own seed), the
+    schedule's initial masks, optimizer state and step 0."""
+    model = fresh_model(seed if variant is None else jax.random.key(variant["seed"]))
+    _, params, masks, rest = nnx.split(model, nnx.Param, Mask, ...)
+    params, masks = nnx.to_pure_dict(params), nnx.to_pure_dict(masks)
+    params, masks = masking.apply_initial_masks(bound_pruner(pruner, variant), params, masks)
+    return {
+        "params": params,
+        "masks": masks,
+        "rest": nnx.to_pure_dict(rest),
+        "opt": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+    }
 
 
 def global_batch(trainer: Trainer, local_batch: np.ndarray) -> jax.Array:

@@ -29,6 +29,7 @@ from sparsescale import checkpoint as ckpt
 from sparsescale import config as config_lib
 from sparsescale import data as data_lib
 from sparsescale import model as model_lib
+from sparsescale import plan as plan_lib
 from sparsescale import pruner as pruner_lib
 from sparsescale import run_files as rf
 from sparsescale import sparsity as sp
@@ -89,6 +90,46 @@ class _Member:
     train_loss: float = float("nan")
     failed: bool = False
     closed: bool = False
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.data.seq_len
+
+    def open_logs(self, start: int, is_main: bool) -> None:
+        self.last_good = start if start else None
+        if is_main:
+            from tensorboardX import SummaryWriter
+
+            self.metrics = MetricsLog(self.workdir / rf.METRICS, start)
+            self.writer = SummaryWriter(str(self.workdir / rf.TENSORBOARD))
+
+    def log(self, done: int, values: dict, step_time: float, eval_loss, is_main: bool) -> None:
+        """This run's metrics row of step `done` (to metrics.jsonl and TensorBoard)."""
+        sparse = self.cfg.sparsity.structure is not None
+        row = {n: v for n, v in values.items() if sparse or not n.startswith("sparsity/")}
+        self.train_loss = row["train/loss"]
+        row.update(
+            {
+                "step": done,
+                "perf/step_time_s": step_time,
+                "perf/tokens_per_s": self.tokens_per_step / step_time if step_time else 0.0,
+            }
+        )
+        if eval_loss is not None:
+            self.eval_loss = eval_loss
+            row["eval/loss"] = eval_loss
+            row["eval/bpb"] = eval_loss / math.log(2)
+        if is_main:
+            self.metrics.append(row)
+            for n, v in row.items():
+                if n != "step":
+                    self.writer.add_scalar(n, v, done)
+
+    def save(self, done: int, state: dict, stream, wall: float) -> None:
+        if done not in self.checkpointer.manager.all_steps():  # else: saved before a kill
+            meta = {"wall_time_s": wall, "fingerprint": self.fingerprint}
+            self.checkpointer.save(done, state, stream, meta)
+        self.last_good = done
 
     def close(self) -> None:
         if not self.closed:
@@ -254,12 +295,89 @@ def run_stack(
 
 
 def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list[dict | None]:
-    num_variants = trainer.num_variants
-    variants = stacking.variant_inputs(cfgs, trainer.pruner) if stacked else None
-    members, evals, streams = [], {}, {}
+    """Runs the job's compile plan: one compiled step per segment, members log and save."""
+    members, streams, evals = _open_members(cfgs, workdirs, trainer, stacked)
+    keys = [_data_key(c) for c in cfgs]
+    state, start, wall_before = _restore(
+        trainer, base, members, stacked, [streams[k] for k in keys]
+    )
+    prefix = stacking.shared_prefix(cfgs) if stacked else (0, [], [])
+    segments = plan_lib.compile_plan(start, base.train.steps, len(cfgs), prefix, block_steps)
+    if state is None:
+        if any(m.checkpointer.manager.all_steps() for m in members):
+            log.warning("No checkpoint restores for every run; starting from step 0.")
+        streams = {k: data_lib.train_iterator(cfgs[keys.index(k)].data) for k in streams}
+    for m in members:
+        m.open_logs(start, is_main)
+
+    optim = base.train
+    clock, wall = _Clock(start, wall_before), wall_before
+    exit_after = int(os.environ.get(EXIT_AFTER_STEP, "0") or 0)
+    try:
+        previous = None
+        for seg in segments:
+            trainer, variants, state = _enter(seg, previous, trainer, state, cfgs, base, stacked)
+            previous = seg
+            for step in range(seg.start, seg.stop):
+                fresh = {k: next(it) for k, it in streams.items()}  # one draw per data stream
+                batch = trainer.batch([fresh[keys[k]] for k in seg.trained])
+                state, metrics = trainer.step(state, batch, variants)
+                done = step + 1
+                if step == seg.start:  # keep compilation out of the throughput numbers
+                    jax.block_until_ready(metrics)
+                    clock.restart(done)
+                log_now = done % optim.log_every == 0 or done == optim.steps
+                ckpt_now = done % optim.ckpt_every == 0 or done == optim.steps
+                eval_now = optim.eval_every > 0 and done % optim.eval_every == 0
+                if not (log_now or ckpt_now or eval_now):
+                    continue
+                values = {
+                    k: np.atleast_1d(np.asarray(v, np.float64))
+                    for k, v in jax.device_get(metrics).items()
+                }
+                step_time = clock.lap(done)
+                for k, m in enumerate(members):
+                    loss = float(values["train/loss"][seg.slots[k]])
+                    if not m.failed and not math.isfinite(loss):
+                        _fail(m, f"non-finite training loss {loss} at step {done}", is_main)
+                live = [k for k, m in enumerate(members) if not m.failed]
+                if not live:
+                    break
+                eval_losses = None
+                if eval_now or done == optim.steps:
+                    per_variant = trainer.evaluate(state, [evals[keys[k]] for k in seg.trained])
+                    eval_losses = [per_variant[i] for i in seg.slots]
+                for k in live:
+                    own = {n: float(v[seg.slots[k]]) for n, v in values.items()}
+                    eval_k = None if eval_losses is None else eval_losses[k]
+                    members[k].log(done, own, step_time, eval_k, is_main)
+                if is_main:
+                    _log_progress(
+                        done, optim.steps, members, live, eval_losses, step_time,
+                        members[0].tokens_per_step * len({seg.slots[k] for k in live}),
+                    )  # fmt: skip
+                if ckpt_now:
+                    wall = clock.wall()  # the summary's wall time: at the last checkpoint
+                    for k in live:
+                        state_k = trainer.variant_state(state, seg.slots[k])
+                        members[k].save(done, state_k, streams[keys[k]], wall)
+                if done == exit_after:
+                    _exit_for_test(members, done)
+            if not any(not m.failed for m in members):
+                break
+    finally:
+        for m in members:
+            m.close()
+    return _finish(members, trainer, state, [evals[k] for k in keys], start, wall, is_main)
+
+
+def _open_members(cfgs, workdirs, trainer, stacked):
+    """(members, train iterators, eval batches): one data stream per distinct data config,
+    shared by the runs that have it."""
+    members, streams, evals = [], {}, {}
     for c, w in zip(cfgs, workdirs, strict=True):
         key = _data_key(c)
-        if key not in streams:  # one data stream per distinct data config, shared by its runs
+        if key not in streams:
             data_lib.prepare(c.data)
             streams[key] = data_lib.train_iterator(c.data)
             evals[key] = data_lib.eval_batches(c.data, c.train.eval_batches)
@@ -270,150 +388,81 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
                 if c.sparsity.structure
                 else None
             )
-        m = _Member(
-            c,
-            w,
-            ckpt.Checkpointer(w / rf.CHECKPOINTS, keep=c.train.keep_ckpts),
-            accounting.run_accounting(c, own_pruner),
-            data_lib.fingerprint(c.data),
-        )
-        members.append(m)
-    keys = [_data_key(c) for c in cfgs]
+        checkpointer = ckpt.Checkpointer(w / rf.CHECKPOINTS, keep=c.train.keep_ckpts)
+        accounts = accounting.run_accounting(c, own_pruner)
+        members.append(_Member(c, w, checkpointer, accounts, data_lib.fingerprint(c.data)))
+    return members, streams, evals
 
-    state, start, wall_before = _restore(
-        trainer, base, members, stacked, [streams[k] for k in keys]
+
+def _enter(seg, previous, trainer, state, cfgs, base, stacked):
+    """(trainer, variant inputs, state) for segment `seg`: the step built for its variants and
+    block phase, and the state carried over (or initialised) in that layout."""
+    num_variants = len(seg.trained) if stacked else None
+    if num_variants != trainer.num_variants:
+        trainer = step_lib.build(base, num_variants=num_variants)
+    variants = (
+        stacking.variant_inputs([cfgs[k] for k in seg.trained], trainer.pruner) if stacked else None
     )
-    # The shared prefix: until `fork_at`, train one variant per distinct seed and data (`active`);
-    # member k reads variant `slot[k]`. At `fork_at` every member branches from its copy.
-    fork_at, reps, shared_slot = stacking.shared_prefix(cfgs) if stacked else (0, [], [])
-    fork_at = min([fork_at, *block_steps])
-    full = (trainer, variants)
-    active, slot = list(range(len(cfgs))), list(range(len(cfgs)))
-    if start < fork_at:
-        active, slot = reps, shared_slot
-        trainer = step_lib.build(base, num_variants=len(reps))
-        variants = stacking.variant_inputs([cfgs[r] for r in reps], trainer.pruner)
+    if state is None:
+        state = trainer.init(variants)
+    elif previous is None and seg.shared:  # restored in the full layout
+        state = jax.device_put(stacking.take_variants(state, seg.trained), trainer.state_shardings)
+    elif previous is not None and previous.shared and not seg.shared:
+        state = jax.device_put(
+            stacking.take_variants(state, previous.slots), trainer.state_shardings
+        )
+        log.info("Step %d: forked %d runs from the shared prefix.", seg.start, len(cfgs))
+    if seg.shared:
         log.info(
             "Training the shared prefix (steps %d-%d) once for %d of %d stacked runs.",
-            start, fork_at, len(reps), len(cfgs),
+            seg.start, seg.stop, len(seg.trained), len(cfgs),
         )  # fmt: skip
-        if state is not None:
-            state = jax.device_put(stacking.take_variants(state, reps), trainer.state_shardings)
-    if state is None:
-        if any(m.checkpointer.manager.all_steps() for m in members):
-            log.warning("No checkpoint restores for every run; starting from step 0.")
-        streams = {k: data_lib.train_iterator(cfgs[keys.index(k)].data) for k in streams}
-        state = trainer.init(variants)
-    for m in members:
-        m.last_good = start if start else None
-        if is_main:
-            from tensorboardX import SummaryWriter
-
-            m.metrics = MetricsLog(m.workdir / rf.METRICS, start)
-            m.writer = SummaryWriter(str(m.workdir / rf.TENSORBOARD))
-
-    def to_block_path(step):
+    if seg.block_phase and (previous is None or seg.block_phase != previous.block_phase):
         budgets = block_phase.block_budgets_of(trainer, state)
         per_budget = collections.Counter(budgets.values())
         log.info(
             "Step %d: block-sparse layers from here, tiles kept per block-column: %s",
-            step,
+            seg.start,
             ", ".join(f"{b} ({n} layers)" for b, n in sorted(per_budget.items())),
         )
-        return step_lib.build(base, num_variants=num_variants, block_budgets=budgets)
+        trainer = step_lib.build(base, num_variants=num_variants, block_budgets=budgets)
+    return trainer, variants, state
 
-    optim = base.train
-    tokens_per_step = base.data.batch_size * base.data.seq_len
-    t_start = time.perf_counter()
-    t_last, step_last = t_start, start
-    compiled_at = start
-    wall = wall_before
-    if any(t <= start for t in block_steps):
-        trainer = to_block_path(start)
-    try:
-        for step in range(start, optim.steps):
-            if step == fork_at and len(active) < len(cfgs) and step != start:
-                trainer, variants = full
-                state = jax.device_put(stacking.take_variants(state, slot), trainer.state_shardings)
-                active, slot, compiled_at = list(range(len(cfgs))), list(range(len(cfgs))), step
-                log.info("Step %d: forked %d runs from the shared prefix.", step, len(cfgs))
-            if step in block_steps and step != start:
-                trainer, compiled_at = to_block_path(step), step
-            fresh = {k: next(it) for k, it in streams.items()}  # one draw per data stream
-            batch = trainer.batch([fresh[keys[k]] for k in active])
-            state, metrics = trainer.step(state, batch, variants)
-            done = step + 1
-            if step == compiled_at:  # keep compilation out of the throughput numbers
-                jax.block_until_ready(metrics)
-                t_last, step_last = time.perf_counter(), done
-            log_now = done % optim.log_every == 0 or done == optim.steps
-            ckpt_now = done % optim.ckpt_every == 0 or done == optim.steps
-            eval_now = optim.eval_every > 0 and done % optim.eval_every == 0
-            if not (log_now or ckpt_now or eval_now):
-                continue
-            values = {
-                k: np.atleast_1d(np.asarray(v, np.float64))
-                for k, v in jax.device_get(metrics).items()
-            }
-            now = time.perf_counter()
-            step_time = (now - t_last) / max(done - step_last, 1) if done > step_last else 0.0
-            t_last, step_last = now, done
-            for k, m in enumerate(members):
-                loss = float(values["train/loss"][slot[k]])
-                if not m.failed and not math.isfinite(loss):
-                    _fail(m, f"non-finite training loss {loss} at step {done}", is_main)
-            live = [k for k, m in enumerate(members) if not m.failed]
-            if not live:
-                break
-            eval_losses = None
-            if eval_now or done == optim.steps:
-                eval_losses = trainer.evaluate(state, [evals[keys[k]] for k in active])
-                eval_losses = [eval_losses[i] for i in slot]
-            for k in live:
-                m = members[k]
-                row = {
-                    n: float(v[slot[k]])
-                    for n, v in values.items()
-                    if m.cfg.sparsity.structure is not None or not n.startswith("sparsity/")
-                }
-                m.train_loss = row["train/loss"]
-                row.update(
-                    {
-                        "step": done,
-                        "perf/step_time_s": step_time,
-                        "perf/tokens_per_s": tokens_per_step / step_time if step_time else 0.0,
-                    }
-                )
-                if eval_losses is not None:
-                    m.eval_loss = eval_losses[k]
-                    row["eval/loss"] = m.eval_loss
-                    row["eval/bpb"] = m.eval_loss / math.log(2)
-                if is_main:
-                    m.metrics.append(row)
-                    for n, v in row.items():
-                        if n != "step":
-                            m.writer.add_scalar(n, v, done)
-            if is_main:
-                _log_progress(
-                    done, optim.steps, members, live, eval_losses, step_time,
-                    tokens_per_step * len({slot[k] for k in live}),
-                )  # fmt: skip
-            if ckpt_now:
-                wall = wall_before + time.perf_counter() - t_start
-                for k in live:
-                    m = members[k]
-                    if done not in m.checkpointer.manager.all_steps():  # else: saved before a kill
-                        m.checkpointer.save(
-                            done,
-                            trainer.variant_state(state, slot[k]),
-                            streams[keys[k]],
-                            {"wall_time_s": wall, "fingerprint": m.fingerprint},
-                        )
-                    m.last_good = done
-    finally:
-        for m in members:
-            m.close()
-    return _finish(members, trainer, state, [evals[k] for k in keys], start, wall, is_main)
+
+# Test hook: the trainer process dies (exit status 137, as under SIGKILL) right after step N,
+# once that step's checkpoint saves have finished, so resume tests need no timing windows.
+EXIT_AFTER_STEP = "SPARSESCALE_EXIT_AFTER_STEP"
+
+
+def _exit_for_test(members, done: int) -> None:
+    for m in members:
+        m.checkpointer.manager.wait_until_finished()
+    log.warning("%s=%d: exiting without cleanup after step %d.", EXIT_AFTER_STEP, done, done)
+    logging.shutdown()
+    os._exit(137)
+
+
+class _Clock:
+    """Step times (compiles excluded: `restart` after a segment's first step) and wall time."""
+
+    def __init__(self, start: int, wall_before: float):
+        self.t_start = self.t_last = time.perf_counter()
+        self.step_last, self.wall_before = start, wall_before
+
+    def restart(self, done: int) -> None:
+        self.t_last, self.step_last = time.perf_counter(), done
+
+    def lap(self, done: int) -> float:
+        """Seconds per step since the last lap (0 when no step ran since)."""
+        now = time.perf_counter()
+        step_time = (
+            (now - self.t_last) / max(done - self.step_last, 1) if done > self.step_last else 0.0
+        )
+        self.t_last, self.step_last = now, done
+        return step_time
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t_start
 
 
 def _log_progress(done, total, members, live, eval_losses, step_time, step_tokens) -> None:
