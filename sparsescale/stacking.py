@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sparsescale import pruner as pruner_lib
@@ -164,7 +165,13 @@ def over_variants(fn: Callable, vmap_width: int | None, has_variant: bool = True
             return {k: x for k, x in new.items() if k != "step"}, metrics
 
         per_variant = {k: x for k, x in state.items() if k != "step"}
-        out = jax.lax.map(one, (per_variant, batch, variants), batch_size=vmap_width)
+        if batch.shape[0] == 1:  # a stack of one: the one-run step on the squeezed state
+            squeeze = lambda tree: jax.tree.map(lambda x: x[0], tree)
+            out = jax.tree.map(
+                lambda x: jnp.asarray(x)[None], one(squeeze((per_variant, batch, variants)))
+            )
+        else:
+            out = jax.lax.map(one, (per_variant, batch, variants), batch_size=vmap_width)
         if not has_variant:
             return out
         new, metrics = out

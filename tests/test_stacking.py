@@ -223,3 +223,14 @@ def test_killed_stacked_job_resumes_every_variant_exactly(
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         summary = json.loads((got / "summary.json").read_text())
         assert summary["eval_loss"] == json.loads((ref / "summary.json").read_text())["eval_loss"]
+
+
+def test_a_stack_of_one_is_the_single_run(tmp_path, metric_lines, smoke_config):
+    """K = 1 runs the one-run step on the squeezed state: the same numbers, bit for bit."""
+    cfg = config_lib.run_config(
+        smoke_config(**{"train.steps": 12, "train.log_every": 1, "train.ckpt_every": 12})
+    )
+    alone = train.run(cfg, tmp_path / "alone")
+    (stacked,) = train.run_stack([cfg], [tmp_path / "stack"])
+    losses = [[r["train/loss"] for r in metric_lines(tmp_path / d)] for d in ("alone", "stack")]
+    assert losses[0] == losses[1] and stacked["eval_loss"] == alone["eval_loss"]
