@@ -1,5 +1,7 @@
 """What sparsity buys (figure 6): bytes per weight of each format, training FLOPs per token, and
-measured block-sparse time against the ideal 1/(1 − S), drawn from benchmark results."""
+measured block-sparse time against the ideal 1/(1 − S), drawn from benchmark results: the
+library's cost tables (`benchmarks/cost_tables.py`) and the kernel timings
+(`benchmarks/kernels.py`), read from a directory the caller names. No JAX here."""
 
 import json
 from pathlib import Path
@@ -11,27 +13,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from analysis import figures  # noqa: E402
-from sparsescale import accounting  # noqa: E402
-from sparsescale import model as model_lib  # noqa: E402
-from sparsescale.kernels import formats  # noqa: E402
-
-
-def memory_table() -> list[dict]:
-    rows = []
-    for dtype in ("float32", "bfloat16"):
-        value_bytes = formats.dense_bytes_per_element(dtype)
-        rows.append(dict(format="dense", dtype=dtype, density=1.0, bytes=value_bytes))
-        rows.append(dict(format="masked dense", dtype=dtype, density=1.0, bytes=value_bytes + 1))
-        for n, m in ((2, 4), (1, 4), (2, 8)):
-            rows.append(
-                dict(
-                    format=f"N:M {n}:{m}",
-                    dtype=dtype,
-                    density=n / m,
-                    bytes=formats.nm_bytes_per_element(n, m, dtype),
-                )
-            )
-    return rows
 
 
 def draw_costs(out_dir, benchmarks_dir) -> dict:
@@ -42,7 +23,15 @@ def draw_costs(out_dir, benchmarks_dir) -> dict:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     lines = ["# Figure 6: what sparsity buys", ""]
 
-    mem = memory_table()
+    benchmarks_dir = Path(benchmarks_dir)
+    tables_json = benchmarks_dir / "cost_tables.json"
+    if not tables_json.exists():
+        raise FileNotFoundError(
+            f"{tables_json} is missing: run `python -m benchmarks.cost_tables` (seconds) first."
+        )
+    tables = json.loads(tables_json.read_text())
+    value_bytes = tables["value_bytes"]
+    mem = list(tables["memory"])
     kernels_json = benchmarks_dir / "kernels_cpu.json"
     blocks = json.loads(kernels_json.read_text())["xla_block"] if kernels_json.exists() else []
     for r in blocks:
@@ -58,7 +47,7 @@ def draw_costs(out_dir, benchmarks_dir) -> dict:
     ax = axes[0]
     short = {"float32": "f32", "bfloat16": "bf16"}
     names = [f"{r['format']} ({short[r['dtype']]})" for r in mem]
-    limit = [r["density"] * formats.dense_bytes_per_element(r["dtype"]) for r in mem]
+    limit = [r["density"] * value_bytes[r["dtype"]] for r in mem]
     y = np.arange(len(mem))
     ax.barh(y, [r["bytes"] for r in mem], color="tab:blue", label="measured format")
     ax.scatter(limit, y, color="k", marker="|", s=200, label="limit: density × value bytes")
@@ -76,11 +65,12 @@ def draw_costs(out_dir, benchmarks_dir) -> dict:
     ]
 
     ax = axes[1]
-    sparsities = np.array([0, 0.5, 0.75, 0.875, 0.9375])
-    for name in ("cpu_25k", "cpu_100k", "cpu_600k", "cpu_4.7m"):
-        cfg = model_lib.preset(name)
-        fpt = [accounting.flops_per_token(cfg, 128, s) for s in sparsities]
-        ax.plot(sparsities, np.array(fpt) / fpt[0], "o-", label=name)
+    flops = tables["flops_per_token"]
+    for name in dict.fromkeys(r["model"] for r in flops):
+        rows = sorted((r["sparsity"], r["flops_per_token"]) for r in flops if r["model"] == name)
+        s, fpt = (np.array(v) for v in zip(*rows, strict=True))
+        ax.plot(s, fpt / fpt[s == 0][0], "o-", label=name)
+    sparsities = np.array(sorted({r["sparsity"] for r in flops}))
     ax.plot(sparsities, 1 - sparsities, "k--", label="1 − S (all weights prunable)")
     ax.set(xlabel="sparsity S", ylabel="FLOPs per token / dense", title="Training FLOPs per token")
     ax.legend(fontsize=7)

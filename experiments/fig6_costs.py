@@ -2,9 +2,10 @@
 (trains nothing: no get_config or sweep; any --preset draws the same benchmark results).
 
 Command:  python -m experiments.reproduce fig6_costs --preset quick
-          (measurements come from `python benchmarks/kernels.py --quick` and
-          `python benchmarks/train_step.py --quick`, whose JSON results it reads; it draws what is
-          there and says what is missing.)
+          (it reads JSON results: the library's format and FLOP tables from
+          `python -m benchmarks.cost_tables` (committed), and the timings of
+          `python benchmarks/kernels.py --quick` and `python benchmarks/train_step.py --quick`;
+          it draws what is there and says what is missing. The analysis imports no JAX.)
 Runtime:  drawing: seconds; the two benchmarks: ≈ 5 min quick on 2 CPU cores.
 Design:   (a) bytes per weight element of each format (dense, masked dense, N:M compressed, block
           compressed) against the limit density × value bytes; (b) training FLOPs per token vs
