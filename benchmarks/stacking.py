@@ -9,7 +9,7 @@ workers then load its step from the cache (`startup_s`: every later job that dif
 or target). Throughput is variant-steps per second over all workers; the sweep
 figure adds the start-up cost to `--run-steps`-step runs. Writes the package's tuning data
 `sparsescale/tuning/stacking.json` (with the machine it was measured on);
-the launcher (`launch/stacking.py`) stacks as many runs per process as was fastest for the nearest
+the launcher (`launch/planner.py`) stacks as many runs per process as was fastest for the nearest
 measured size.
 
   python benchmarks/stacking.py [--presets cpu_6k,cpu_25k,...] [--stacks 1,2,4,8] [--steps 60]
@@ -41,7 +41,7 @@ def worker(preset: str, stack: int, steps: int, batch_size: int) -> dict:
     from launch.sweep import apply_overrides
     from sparsescale import config as config_lib
     from sparsescale import data as data_lib
-    from sparsescale import stacking, train
+    from sparsescale import stack_rules, stacking, train
     from sparsescale import step as step_lib
 
     train.use_compilation_cache()  # $JAX_COMPILATION_CACHE_DIR, set by `measure`
@@ -59,7 +59,7 @@ def worker(preset: str, stack: int, steps: int, batch_size: int) -> dict:
             "train.seed": k // len(SPARSITIES),
         }
         cfgs.append(config_lib.run_config(apply_overrides(c, over, "bench")))
-    base = stacking.check_stackable(cfgs)
+    base = stack_rules.check_stackable(cfgs)
     trainer = step_lib.build(base, num_variants=stack if stack > 1 else None)
     data_lib.prepare(base.data)
     it = data_lib.train_iterator(base.data)

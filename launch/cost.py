@@ -45,15 +45,15 @@ def calibrate(
     """Time each model's train step as the sweep's jobs run it (`sparsescale.timing`): stacked
     at the planned stack size and at its shared-prefix size, `jobs` copies at once on their own
     cores (so a co-running job's contention is in the number); merge into calibration.json."""
-    from launch import stacking
+    from launch import planner
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / CALIBRATION_FILE
     calibration = run_files.read_json(path) or {}
     by_model: dict[str, tuple[Any, set[int]]] = {}
-    for job in stacking.plan(sweep, sweep.runs, None, jobs, max_stack):
-        cfgs = [stacking.resolved_config(sweep, r) for r in job]
+    for job in planner.plan(sweep, sweep.runs, None, jobs, max_stack):
+        cfgs = [planner.resolved_config(sweep, r) for r in job]
         ks = {len(job), len(_shared(cfgs)[1]) or len(job)}
         by_model.setdefault(_model(_config(sweep, job[0])), (job[0], set()))[1].update(ks)
     cpus = available_cpus()
@@ -61,7 +61,7 @@ def calibrate(
         ks = sorted(ks | {1})
         with tempfile.TemporaryDirectory(prefix="calibration-") as tmp:
             config = Path(tmp) / "config.json"
-            config.write_text(json.dumps(stacking.job_config(sweep, run)))
+            config.write_text(json.dumps(planner.job_config(sweep, run)))
             command = [sys.executable, "-m", "sparsescale.timing", str(config), *map(str, ks)]
             procs = [
                 spawn(command, cpus[i * threads : (i + 1) * threads], env=child_env(threads),
@@ -102,7 +102,7 @@ def _config(sweep: Sweep, run) -> ml_collections.ConfigDict:
 
 
 def _shared(cfgs: list) -> tuple[int, list[int]]:
-    from sparsescale.stacking import shared_prefix
+    from sparsescale.stack_rules import shared_prefix
 
     prefix, reps, _ = shared_prefix(cfgs) if len(cfgs) > 1 else (0, [], [])
     return prefix, reps
@@ -158,13 +158,13 @@ def dry_run_table(
     """Table of runs (tokens, non-zero params, training FLOPs, share of its job's time) and the
     predicted wall time of the whole sweep from scratch: the launcher's plan of stacked jobs,
     each timed from calibration.json, scheduled on `jobs` workers as the local backend does."""
-    from launch import stacking
+    from launch import planner
 
     calibration = run_files.read_json(Path(root) / CALIBRATION_FILE) or {}
-    plan = stacking.plan(sweep, sweep.runs, None, jobs, max_stack)
+    plan = planner.plan(sweep, sweep.runs, None, jobs, max_stack)
     share, job_s, missing, saved = {}, [], set(), 0.0
     for job in plan:
-        cfgs = [stacking.resolved_config(sweep, r) for r in job]
+        cfgs = [planner.resolved_config(sweep, r) for r in job]
         measured = calibration.get(_model(_config(sweep, job[0])))
         if not measured or "step_s" not in measured:
             missing.add(_model(_config(sweep, job[0])))

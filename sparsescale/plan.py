@@ -1,7 +1,7 @@
 """The loop's compile plan: which steps of a (stacked) job run under which compiled step.
 
 A job's steps split into segments where the compiled step changes: the fork from the shared
-dense prefix (`stacking.shared_prefix`: until then the stack trains one variant per distinct seed
+dense prefix (`stack_rules.shared_prefix`: until then the stack trains one variant per distinct seed
 and data) and the block-sparse phases (`block_phase.block_phase_steps`). The loop builds one step
 per segment and runs it from `start` to `stop`. A pure function of the job's shape, so it is
 tested without training.
@@ -43,7 +43,7 @@ def compile_plan(
     block_steps: Sequence[int] = (),
 ) -> list[Segment]:
     """The segments of a job of `members` runs resumed at `start` of `total` steps. `prefix` is
-    `stacking.shared_prefix`'s (steps, representative members, member → representative slot);
+    `stack_rules.shared_prefix`'s (steps, representative members, member → representative slot);
     the prefix ends at the first block-sparse switch at the latest (the block step trains every
     variant). Empty when nothing is left to train."""
     fork_at, reps, shared_slot = prefix

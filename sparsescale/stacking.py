@@ -1,15 +1,11 @@
-"""The variant axis: K compatible runs trained in one compiled step.
+"""The variant axis: K compatible runs (`stack_rules.stack_groups`) trained in one compiled step.
 
-Runs stack when they share model, data (but its seed), optimizer (but its seed), mesh and pruning
-recipe; they may differ in seeds and, for unstructured and block sparsity, in the target, and
-dense runs ride along as 0%. Stacked state carries a leading variant axis on every leaf but the
-shared step counter; `over_variants` runs a one-run step over it.
+Stacked state carries a leading variant axis on every leaf but the shared step counter;
+`over_variants` runs a one-run step over it, `variant_inputs` holds what differs per variant.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Callable
 
 import jax
@@ -19,66 +15,7 @@ import numpy as np
 from sparsescale import pruner as pruner_lib
 from sparsescale import sparsity as sp
 
-VARIANT_FIELDS = ("run_id", "tag", "train.seed", "data.seed", "sparsity.seed")
 STACK_AXES = {"params": 0, "masks": 0, "rest": 0, "opt": 0, "step": None}
-
-
-def _stack_key(cfg) -> tuple[str, str | None]:
-    """(everything but the per-variant fields, the pruning recipe less its target; None: dense)."""
-    d = cfg.to_dict()
-    for field in VARIANT_FIELDS:
-        *parents, leaf = field.split(".")
-        node = d
-        for part in parents:
-            node = node[part]
-        node.pop(leaf)
-    recipe = d.pop("sparsity")
-    if cfg.sparsity.structure is None:
-        return json.dumps(d, sort_keys=True), None
-    if isinstance(cfg.sparsity.structure, sp.Unstructured | sp.Block):
-        recipe["structure"].pop("sparsity")
-    recipe["structure"]["kind"] = cfg.sparsity.structure.name
-    return json.dumps(d, sort_keys=True), json.dumps(recipe, sort_keys=True)
-
-
-def _joins_dense(cfg) -> bool:
-    """Whether a dense run can ride in a stack of `cfg` as the same recipe at 0% sparsity (not
-    with block-sparse execution: a dense member would keep the whole stack masked)."""
-    return (
-        isinstance(cfg.sparsity.structure, sp.Unstructured | sp.Block)
-        and cfg.sparsity.method in ("magnitude", "random")
-        and cfg.sparsity.impl == "masked"
-    )
-
-
-def stack_groups(cfgs: list) -> list[list[int]]:
-    """Indices of `cfgs` (RunConfigs) grouped into stackable sets. Dense runs join a matching
-    unstructured/block group."""
-    groups: dict[tuple, list[int]] = {}
-    dense: dict[str, list[int]] = {}
-    for i, c in enumerate(cfgs):
-        base, recipe = _stack_key(c)
-        if recipe is None:
-            dense.setdefault(base, []).append(i)
-        else:
-            groups.setdefault((base, recipe), []).append(i)
-    for base, members in dense.items():
-        host = next(
-            (k for k, g in groups.items() if k[0] == base and _joins_dense(cfgs[g[0]])), None
-        )
-        groups.setdefault(host or (base, None), []).extend(members)
-    return [sorted(g) for g in groups.values()]
-
-
-def check_stackable(cfgs: list):
-    """Raises ValueError unless `cfgs` can train as one stack; returns the config to build."""
-    if len(stack_groups(cfgs)) != 1:
-        keys = [_stack_key(c) for c in cfgs]
-        raise ValueError(
-            "these runs cannot be stacked: they must share model, data (but seed), optimizer (but "
-            f"seed), mesh and pruning recipe; {len(set(keys))} different recipes given."
-        )
-    return next((c for c in cfgs if c.sparsity.structure is not None), cfgs[0])
 
 
 def variant_inputs(cfgs: list, pruner: pruner_lib.Pruner) -> dict:
@@ -98,31 +35,6 @@ def variant_inputs(cfgs: list, pruner: pruner_lib.Pruner) -> dict:
         "prune_seed": np.array([c.sparsity.seed for c in cfgs], np.int32),
         "final_sparsity": {k: np.array(v, np.float32) for k, v in final.items()},
     }
-
-
-def shared_prefix(cfgs: list) -> tuple[int, list[int], list[int]]:
-    """(P, reps, slot): the first P steps of stacked runs `cfgs` are the same computation for
-    every variant with the same seeds and data (gradual or one-shot magnitude pruning keeps every
-    mask dense until the schedule starts; the target enters only then), so those steps need train
-    only `reps`, one member index per distinct (seeds, data); member k's state is `reps`
-    variant `slot[k]`. `(0, [], [])` when nothing is shared. Branching the variants from that
-    prefix is bit-identical to training each from step 0."""
-    starts = []
-    for c in cfgs:
-        s = c.sparsity
-        if s.structure is None:
-            continue
-        gradual = s.schedule.kind in ("gradual", "one_shot") and s.method in ("magnitude", "random")
-        starts.append(min(s.schedule.steps(c.train.steps)[0], c.train.steps - 1) if gradual else 0)
-    prefix = min(starts, default=0)
-    keys = [
-        json.dumps([c.train.seed, c.sparsity.seed, dataclasses.asdict(c.data)], default=str)
-        for c in cfgs
-    ]
-    distinct = list(dict.fromkeys(keys))
-    if prefix <= 0 or len(distinct) == len(cfgs):
-        return 0, [], []
-    return prefix, [keys.index(k) for k in distinct], [distinct.index(k) for k in keys]
 
 
 def take_variants(state: dict, index: list[int]) -> dict:

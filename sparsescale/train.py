@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sparsescale import accounting, block_phase, stacking
+from sparsescale import accounting, block_phase, stack_rules, stacking
 from sparsescale import checkpoint as ckpt
 from sparsescale import config as config_lib
 from sparsescale import data as data_lib
@@ -246,7 +246,7 @@ def run_stack(
     stacked: bool = True,
     allow_config_change: bool = False,
 ) -> list[dict | None]:
-    """Trains (or resumes) several runs in one stacked step (see `stacking.stack_groups`); each
+    """Trains (or resumes) several runs in one stacked step (see `stack_rules.stack_groups`); each
     keeps its own workdir, metrics, checkpoints and summary.json, exactly as if run alone. A
     non-finite loss fails that run only (failed.json, entry None). Returns the summaries."""
     workdirs = [Path(w) for w in workdirs]
@@ -257,7 +257,7 @@ def run_stack(
     for w in workdirs:
         if w.exists() and not w.is_dir():
             raise ValueError(f"workdir {w} exists and is not a directory.")
-    base = stacking.check_stackable(cfgs) if stacked else cfgs[0]
+    base = stack_rules.check_stackable(cfgs) if stacked else cfgs[0]
     for c in cfgs:
         data_lib.validate(c.data)
     num_variants = len(cfgs) if stacked else None
@@ -301,7 +301,7 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
     state, start, wall_before = _restore(
         trainer, base, members, stacked, [streams[k] for k in keys]
     )
-    prefix = stacking.shared_prefix(cfgs) if stacked else (0, [], [])
+    prefix = stack_rules.shared_prefix(cfgs) if stacked else (0, [], [])
     segments = plan_lib.compile_plan(start, base.train.steps, len(cfgs), prefix, block_steps)
     if state is None:
         if any(m.checkpointer.manager.all_steps() for m in members):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import stacking, state, status, sweep
+from launch import planner, state, status, sweep
 from launch.backends import local
 from launch.sweep import SweepError
 from sparsescale import run_files
@@ -106,23 +106,23 @@ def test_temporary_checkpoint_dirs_are_not_checkpoints(tmp_path, experiment_file
     root = tmp_path / "root"
     first = root / expanded.runs[0].run_id / run_files.CHECKPOINTS
     (first / "10.orbax-checkpoint-tmp-1733000000123456").mkdir(parents=True)
-    assert not stacking.has_checkpoint(first.parent)
-    assert stacking.plan(expanded, list(expanded.runs), root, jobs=1, max_stack=4) == [
+    assert not planner.has_checkpoint(first.parent)
+    assert planner.plan(expanded, list(expanded.runs), root, jobs=1, max_stack=4) == [
         list(expanded.runs)
     ]
     (first / "10").mkdir()  # a finalized step: resume it alone
-    assert stacking.has_checkpoint(first.parent)
-    planned = stacking.plan(expanded, list(expanded.runs), root, jobs=1, max_stack=4)
+    assert planner.has_checkpoint(first.parent)
+    planned = planner.plan(expanded, list(expanded.runs), root, jobs=1, max_stack=4)
     assert planned == [[expanded.runs[0]], [expanded.runs[1]]]
 
     # Both were one stacked job, and both resume: the same stack again (the same numbers).
-    job = stacking.stack_id(expanded.runs)
+    job = planner.stack_id(expanded.runs)
     for r in expanded.runs:
         (root / r.run_id / run_files.CHECKPOINTS / "10").mkdir(parents=True, exist_ok=True)
         state.begin_attempt(root / r.run_id, "local", stacked=2, stack=job)
-    planned = stacking.plan(expanded, list(expanded.runs), root, jobs=2, max_stack=4)
+    planned = planner.plan(expanded, list(expanded.runs), root, jobs=2, max_stack=4)
     assert planned == [list(expanded.runs)]
-    planned = stacking.plan(expanded, [expanded.runs[1]], root, jobs=2, max_stack=4)
+    planned = planner.plan(expanded, [expanded.runs[1]], root, jobs=2, max_stack=4)
     assert planned == [[expanded.runs[1]]]  # its stack-mate is done or elsewhere: alone
 
 

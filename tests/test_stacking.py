@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sparsescale import config as config_lib
-from sparsescale import stacking, train
+from sparsescale import stack_rules, train
 from sparsescale import step as step_lib
 
 VARIANTS = (
@@ -43,8 +43,10 @@ def test_stack_groups_follow_the_rules(smoke_config):
         cfg(**{"sparsity.structure": "nm", "sparsity.n": 2, "sparsity.m": 4, "train.seed": 1}),
         cfg(**{"sparsity.target": 0.5, "model.name": "cpu_50k"}),  # another model
     ]
-    assert sorted(stacking.stack_groups(runs)) == [[0, 1, 2], [3], [4, 6], [5], [7]]
-    assert stacking.check_stackable([runs[2], runs[0]]) is runs[0]  # built from the sparse recipe
+    assert sorted(stack_rules.stack_groups(runs)) == [[0, 1, 2], [3], [4, 6], [5], [7]]
+    assert (
+        stack_rules.check_stackable([runs[2], runs[0]]) is runs[0]
+    )  # built from the sparse recipe
     block = {"sparsity.structure": "block", "sparsity.block": (8, 8), "sparsity.impl": "block"}
     fast = [
         cfg(**block, **{"sparsity.target": 0.5}),
@@ -52,9 +54,9 @@ def test_stack_groups_follow_the_rules(smoke_config):
         cfg(**{"sparsity.structure": "dense", "sparsity.target": 0.0}),  # would keep it masked
         cfg(**{**block, "sparsity.impl": "masked", "sparsity.target": 0.5}),
     ]
-    assert sorted(stacking.stack_groups(fast)) == [[0, 1], [2, 3]]
+    assert sorted(stack_rules.stack_groups(fast)) == [[0, 1], [2, 3]]
     with pytest.raises(ValueError, match="cannot be stacked"):
-        stacking.check_stackable([runs[0], runs[3]])
+        stack_rules.check_stackable([runs[0], runs[3]])
 
 
 def test_stacked_run_equals_separate_runs(tmp_path, final_state, metric_lines, smoke_config):
@@ -157,9 +159,9 @@ def test_shared_prefix_is_trained_once_and_forks_bit_identically(
         for i, v in enumerate(FORKED)
     ]
     cfgs = [dataclasses.replace(c, train=dataclasses.replace(c.train, keep_ckpts=10)) for c in cfgs]
-    assert stacking.shared_prefix(cfgs) == (4, [0, 3], [0, 0, 0, 1])  # pruning starts at step 4
+    assert stack_rules.shared_prefix(cfgs) == (4, [0, 3], [0, 0, 0, 1])  # pruning starts at step 4
     with monkeypatch.context() as m:  # the reference: every variant trained from step 0
-        m.setattr(stacking, "shared_prefix", lambda cfgs: (0, [], []))
+        m.setattr(stack_rules, "shared_prefix", lambda cfgs: (0, [], []))
         ref = train.run_stack(cfgs, [tmp_path / "ref" / c.run_id for c in cfgs])
     forked = train.run_stack(cfgs, [tmp_path / "fork" / c.run_id for c in cfgs])
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from launch import signals, stacking, state, status
+from launch import planner, signals, state, status
 from launch.sweep import Run, Sweep, SweepError, save_sweep, trainer_command
 from sparsescale import run_files, tuning
 
@@ -93,7 +93,7 @@ class _Active:
 
     @property
     def name(self) -> str:
-        return self.runs[0].run_id if len(self.runs) == 1 else stacking.stack_id(self.runs)
+        return self.runs[0].run_id if len(self.runs) == 1 else planner.stack_id(self.runs)
 
 
 def _needs_work(s: state.RunStatus, max_retries: int) -> bool:
@@ -153,7 +153,7 @@ def run_local(sweep: Sweep, root: Path, options: LocalOptions, out: IO[str] = sy
                 printer.event(f"{r.run_id}: {s.status} elsewhere, not started here")
             elif s.status == state.FAILED and r not in todo:
                 printer.event(f"{r.run_id}: failed {s.failures} times (max retries reached)")
-        queue = stacking.plan(sweep, todo, root, options.jobs, options.max_stack)
+        queue = planner.plan(sweep, todo, root, options.jobs, options.max_stack)
         stacked = sum(len(q) for q in queue if len(q) > 1)
         printer.event(
             f"{len(todo)} of {len(sweep.runs)} runs to do ({stacked} of them in "
@@ -246,7 +246,7 @@ def _start(sweep: Sweep, runs: list[Run], root: Path, slots: list[list[int]], sl
     cpus = slots[slot]
     workdirs = [root / r.run_id for r in runs]
     attempts = []
-    stack = stacking.stack_id(runs) if len(runs) > 1 else None
+    stack = planner.stack_id(runs) if len(runs) > 1 else None
     for workdir in workdirs:
         workdir.mkdir(parents=True, exist_ok=True)
         attempts.append(
@@ -260,10 +260,10 @@ def _start(sweep: Sweep, runs: list[Run], root: Path, slots: list[list[int]], sl
     else:
         jobdir = root / ".stacks"
         jobdir.mkdir(exist_ok=True)
-        name = stacking.stack_id(runs)
+        name = planner.stack_id(runs)
         job = {
             "runs": [
-                {"workdir": str(w), "config": stacking.job_config(sweep, r)}
+                {"workdir": str(w), "config": planner.job_config(sweep, r)}
                 for r, w in zip(runs, workdirs, strict=True)
             ]
         }

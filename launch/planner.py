@@ -1,6 +1,6 @@
-"""Group a sweep's runs into stacked jobs: one process trains K compatible runs in one compiled
-step (`sparsescale.stack`). Which runs are compatible is the trainer's rule
-(`sparsescale.stacking.stack_groups`); how many to stack comes from `benchmarks/stacking.py`'s
+"""The job planner: groups a sweep's runs into stacked jobs (one process trains K compatible
+runs in one compiled step, `sparsescale.stack`). Which runs are compatible is the trainer's rule
+(`sparsescale.stack_rules.stack_groups`); how many to stack comes from `benchmarks/stacking.py`'s
 measurement (package data read by `sparsescale.tuning.max_stack`), else `DEFAULT_MAX_STACK`.
 """
 
@@ -59,7 +59,7 @@ def plan(
     redone; an interrupted stacked job resumes as the same stack. `root=None`: plan every run
     as fresh."""
     from sparsescale.accounting import flops_per_token, param_counts
-    from sparsescale.stacking import stack_groups
+    from sparsescale.stack_rules import stack_groups
 
     fresh = [r for r in runs if root is None or not has_checkpoint(root / r.run_id)]
     planned = resumed_stacks([r for r in runs if r not in fresh], root)
