@@ -1,6 +1,6 @@
 """Which split of this machine's cores runs a sweep fastest: many single-thread jobs or fewer wide ones?
 
-Runs the same small sweep (`--runs` seeds of experiments/train.py:<preset> for `--steps` steps, whole
+Runs the same small sweep (`--runs` seeds of experiments/single_run.py:<preset> for `--steps` steps, whole
 runs including compilation, as a sweep would) through the local backend for every jobs × threads
 split, `--repeats` times interleaved, and writes the best wall time per split and the fastest split
 to JSON; `python -m launch run` reads it.
@@ -24,7 +24,7 @@ from launch.sweep import expand
 from sparsescale import run_files, tuning
 
 EXPERIMENT = """
-from experiments import train
+from experiments import single_run as train
 
 def get_config(arg):
     c = train.get_config("{preset}")

@@ -1,4 +1,4 @@
-"""Train one run: `python -m sparsescale.main --config experiments/train.py:quick --workdir DIR`.
+"""Train one run: `python -m sparsescale.main --config experiments/single_run.py:quick --workdir DIR`.
 
 Overrides: `--config.sparsity.target=0.75`. Re-running on the same workdir resumes; re-running a
 finished run leaves it as it is. `--config` files are Python that is executed: use only files

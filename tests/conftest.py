@@ -39,7 +39,7 @@ def make_main_cmd(workdir, *overrides):
         sys.executable,
         "-m",
         "sparsescale.main",
-        f"--config={REPO}/experiments/train.py:smoke",
+        f"--config={REPO}/experiments/single_run.py:smoke",
         f"--workdir={workdir}",
         *overrides,
     ]
