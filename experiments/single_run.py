@@ -1,4 +1,5 @@
-"""The single-run config (one run, no sweep) on the offline default corpus (Python stdlib source, byte-level).
+"""The single-run config (one run, no sweep) on the offline default corpus (Python stdlib
+source, byte-level).
 
 Command:  python -m sparsescale.main --config experiments/single_run.py:quick --workdir runs/quick
 Runtime:  quick ≈ 1.5 min on 2 CPU cores (84 s measured); smoke ≈ 30 s.
