@@ -21,7 +21,11 @@ def main(argv=None) -> list[Path]:
     args_in = sys.argv[1:] if argv is None else argv
     if args_in[:1] == ["published"]:
         return published_reports(args_in[1:])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis",
+        description=__doc__.split("\n")[0],
+        epilog="python -m analysis published --out DIR: both published tables (--help there).",
+    )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--results", help="results table (.csv/.parquet) or sweep root")
     src.add_argument("--published", choices=["t5", "vit"], help="Frantar et al. published runs")

@@ -1,6 +1,9 @@
 """Reproduce a figure end to end: train the missing runs, collect, fit, draw.
 
-    python -m experiments.reproduce fig1_size --preset quick [--root runs] [--publish | --out DIR]
+    python -m experiments.reproduce fig1_size [--preset quick] [--root runs] [--publish | --out DIR]
+
+Each experiment has presets of its own and a default (`--help` lists them); an unknown preset is a
+one-line error (exit 2), and an analysis that finds no finished run exits 1.
 
 Runs are trained by the local launcher under the sweep root `<root>/<figure>/<preset>/` (finished
 runs are reused, interrupted ones resume). The results table, reports and figures go to
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import re
 import shutil
@@ -40,10 +44,39 @@ FIGURES = (
 )
 
 
+def presets_of(module) -> list[str]:
+    """The experiment's presets (any name for one that trains nothing)."""
+    return sorted(getattr(module, "PRESETS", {}))
+
+
+def default_preset(module) -> str:
+    """The experiment's own default: the default argument of its `get_config`, else "quick"."""
+    get_config = getattr(module, "get_config", None)
+    if get_config is None:
+        return "quick"
+    return inspect.signature(get_config).parameters["arg"].default
+
+
+def _presets_epilog() -> str:
+    lines = ["presets (default first):"]
+    for figure in FIGURES:
+        module = importlib.import_module(f"experiments.{figure}")
+        default = default_preset(module)
+        others = [p for p in presets_of(module) if p != default]
+        lines.append(f"  {figure:<18} {', '.join([default, *others])}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.reproduce",
+        description=__doc__.splitlines()[0],
+        epilog=_presets_epilog() if {"-h", "--help"} & set(argv) else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("figure", choices=FIGURES)
-    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--preset", help="the experiment's preset (default: its own; see --help)")
     parser.add_argument("--root", type=Path, default=REPO / "runs")
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
@@ -58,6 +91,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     module = importlib.import_module(f"experiments.{args.figure}")
+    known = presets_of(module)
+    args.preset = args.preset or default_preset(module)
+    if known and args.preset not in known:
+        print(
+            f"error: {args.figure} has no preset {args.preset!r}; its presets: {', '.join(known)}",
+            file=sys.stderr,
+        )
+        return 2
     source = getattr(module, "RESULTS_FROM", args.figure)  # figures that reuse another's runs
     root = args.root / source / args.preset
     out = output_dir(args.figure, args.preset, args.root, args.out, args.publish)
@@ -97,6 +138,10 @@ def main(argv=None) -> int:
     from analysis import load
 
     results = load.load_results(table) if table.exists() else pd.DataFrame()
+    if hasattr(module, "get_sweep") and not len(results):
+        where = run_records if args.analyze_only else root
+        print(f"error: no finished runs of {args.figure}:{args.preset} in {where}", file=sys.stderr)
+        return 1
     reports = module.analyze(results, out)
     for name, path in (reports or {}).items():
         print(f"{args.figure} [{name}]: {path}")

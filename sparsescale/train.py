@@ -475,8 +475,15 @@ def _log_progress(done, total, members, live, eval_losses, step_time, step_token
         " ".join(f"{members[k].train_loss:.4f}" for k in live),
         "" if eval_losses is None else " eval " + " ".join(f"{eval_losses[k]:.4f}" for k in live),
         step_tokens / step_time if step_time else 0.0,
-        time.strftime("%H:%M:%S", time.gmtime(eta)),
+        hours_minutes_seconds(eta),
     )
+
+
+def hours_minutes_seconds(seconds: float) -> str:
+    """H:MM:SS with as many hours as it takes (no wrap after a day)."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def _finish(members, trainer, state, evals, start, wall, is_main) -> list[dict | None]:

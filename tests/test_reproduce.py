@@ -74,3 +74,24 @@ def test_analyze_only_rebuilds_the_table_from_the_records(tmp_path, monkeypatch)
     rebuilt = pd.read_csv(analysis / "results.csv")[list(table.columns)]
     rebuilt = rebuilt.sort_values("run_id", ignore_index=True)
     pd.testing.assert_frame_equal(rebuilt, table.sort_values("run_id", ignore_index=True))
+
+
+def test_each_experiment_has_its_own_default_preset_and_names_the_known_ones(capsys, tmp_path):
+    import importlib
+
+    headline = importlib.import_module("experiments.headline")
+    assert reproduce.default_preset(headline) == "cpu"
+    for figure in reproduce.FIGURES:  # every default is one of the experiment's presets
+        module = importlib.import_module(f"experiments.{figure}")
+        known = reproduce.presets_of(module)
+        assert not known or reproduce.default_preset(module) in known, figure
+    assert reproduce.main(["headline", "--preset", "quick", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: headline has no preset 'quick'; its presets: cpu, smoke"
+    assert not (tmp_path / "headline").exists()  # nothing written
+
+
+def test_an_analysis_with_no_finished_runs_exits_nonzero(capsys, tmp_path):
+    args = ["crossover", "--preset", "smoke", "--analyze-only", "--root", str(tmp_path)]
+    assert reproduce.main(args) == 1
+    assert "no finished runs of crossover:smoke" in capsys.readouterr().err

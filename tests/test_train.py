@@ -207,3 +207,8 @@ def test_metrics_survive_deletion_and_a_torn_last_line(tmp_path, smoke_config, m
 def test_failed_json_says_when_there_is_no_checkpoint(tmp_path, smoke_config):
     with pytest.raises(train.NonFiniteLoss, match="no checkpoint was saved yet"):
         _train(smoke_config, tmp_path, **{"train.lr": 1e9, "train.ckpt_every": 100})
+
+
+def test_the_eta_does_not_wrap_after_a_day():
+    assert train.hours_minutes_seconds(59.6) == "0:01:00"
+    assert train.hours_minutes_seconds(3 * 86400 + 3661) == "73:01:01"
