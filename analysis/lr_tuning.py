@@ -100,13 +100,13 @@ def predict(trend_fit: dict, size: float) -> dict:
 
 def plot(results: pd.DataFrame, table: pd.DataFrame, path=None):
     plt = figures.plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
     sizes = sorted(results[SIZE].unique())
     cmap = plt.get_cmap("viridis")
     for i, size in enumerate(sizes):
         color = cmap(i / max(len(sizes) - 1, 1) * 0.9)
         group = results[results[SIZE] == size].groupby("lr")["eval_loss"].mean().sort_index()
-        ax.plot(group.index, group.to_numpy(), "o-", color=color, label=f"{figures._short(size)}")
+        ax.plot(group.index, group.to_numpy(), "o-", color=color, label=f"{size / 1e3:.3g}K")
         best = table[table[SIZE] == size]
         star = best[best["status"] == "interior"]
         if len(star):
@@ -116,8 +116,10 @@ def plot(results: pd.DataFrame, table: pd.DataFrame, path=None):
     ax.set_xlabel("peak learning rate (AdamW, 5% warmup, cosine)")
     ax.set_ylabel("eval loss (nats/byte)")
     steps = ", ".join(str(int(s)) for s in sorted(results["steps"].unique()))
-    ax.set_title(f"Dense loss vs learning rate per size ({steps} steps); ★ interpolated optimum")
-    ax.legend(title="non-embedding params", fontsize=8, ncol=2)
+    ax.set_title(f"Dense loss vs peak learning rate ({steps} steps); ★ optimum", fontsize=10)
+    ax.legend(
+        title="non-embedding\nparameters", fontsize=8, loc="upper left", bbox_to_anchor=(1, 1)
+    )
     fig.tight_layout()
     return figures.save(fig, path)
 
