@@ -1,8 +1,11 @@
 """The crossover — does the loss cost of sparsity turn with size between 332K and 1.8M parameters?
 
 Command:  python -m experiments.reproduce crossover --preset lr   (the learning-rate grid, first)
+          python -m experiments.reproduce crossover --preset lr_800k   (then lr_1.8m: the two
+          largest sizes at 6e-3 / 1.2e-2 / 2.4e-2, placed by the lr preset's optima)
 Runtime:  smoke ≈ 1 min. lr: 35 dense runs, one process each (learning rates do not stack), on
-          1 job × 1 thread: ≈ 1.5 h, almost all of it the 332K grid (≈ 10 min a run).
+          1 job × 1 thread: measured ≈ 1.5 h beside other work (the 332K runs 19 min each under
+          load). lr_800k / lr_1.8m: 3 runs each, estimated ≈ 21 / 76 min a run.
 Design:   matched in steps: every run, at every size, takes STEPS = 850 optimizer steps, and the
           batch (sequences of 128 bytes) grows with size so each sees ≈ 21 tokens per
           non-embedding parameter (`batch_for`; whole sequences give 17.5 at 6K and 23.4 at 12K, with
@@ -47,6 +50,9 @@ LR_GRID = {
     "cpu_100k": _GRID[:6],
     "cpu_330k": _GRID[:5],
 }
+# The two largest sizes, placed by the small sizes' optima (analysis/lr_tuning: lr* 0.012–0.018,
+# local slopes -0.29 and -0.17 above 56K): the predicted optimum ≈ 0.01 and a point either side.
+LR_GRID_LARGE = {"cpu_800k": _GRID[1:4], "cpu_1.8m": _GRID[1:4]}
 
 PRESETS = {
     "smoke": dict(
@@ -66,6 +72,17 @@ PRESETS = {
         eval_sequences=EVAL_SEQUENCES,
         lrs=LR_GRID,
     ),
+    **{
+        f"lr_{size.removeprefix('cpu_')}": dict(
+            sizes=(size,),
+            steps=STEPS,
+            tokens_per_param=TOKENS_PER_PARAM,
+            seq_len=SEQ_LEN,
+            eval_sequences=EVAL_SEQUENCES,
+            lrs=LR_GRID_LARGE,
+        )
+        for size in LR_GRID_LARGE
+    },
 }
 
 
