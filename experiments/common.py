@@ -35,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.name = "stdlib_code"
     c.data.seq_len = 128
     c.data.batch_size = 32
+    # validation rows per batch; None: batch_size (set it to evaluate every size on one window set)
+    c.data.eval_batch_size = ml_collections.FieldReference(None, field_type=int)
     c.data.seed = 0
     c.data.synthetic_entropy = 1.0  # nats/byte, only for data.name = "synthetic"
     c.data.synthetic_order = 2

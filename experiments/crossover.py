@@ -1,23 +1,37 @@
 """The crossover — does the loss cost of sparsity turn with size between 332K and 1.8M parameters?
 
-Command:  python -m experiments.reproduce crossover --preset lr   (the learning-rate grid, first)
-          python -m experiments.reproduce crossover --preset lr_800k   (then lr_1.8m: the two
-          largest sizes at 6e-3 / 1.2e-2 / 2.4e-2, placed by the lr preset's optima)
+Command:  python -m experiments.reproduce crossover --preset main   (the answer: every size ×
+          sparsity × seed at each size's tuned learning rate; records under
+          docs/records/crossover/main/). On a small machine run it one arm at a time, smallest
+          first: `--preset main_6k_330k`, then `main_800k`, then `main_1.8m` (the same runs as
+          `main`, so `python -m launch collect ... --records docs/records/crossover/main` files
+          them where `main` reuses them). Before it: `--preset lr` (the learning-rate grid), then
+          `lr_800k` and `lr_1.8m` (6e-3 / 1.2e-2 / 2.4e-2 at the two largest sizes); after it,
+          `lr_sparse` (does the dense optimum hold at 87.5%?).
 Runtime:  smoke ≈ 1 min. lr: 35 dense runs, one process each (learning rates do not stack), on
           1 job × 1 thread: measured ≈ 1.5 h beside other work (the 332K runs 19 min each under
-          load). lr_800k / lr_1.8m: 3 runs each, estimated ≈ 21 / 76 min a run.
+          load). lr_800k: 3 runs, measured ≈ 28 min each (2 jobs × 1 thread); lr_1.8m estimated
+          ≈ 76 min a run. main_6k_330k: 144 runs in 18 stacked jobs of 8, estimated ≈ 2.5 h on
+          2 jobs × 1 thread (the 332K jobs ≈ 73 min each, as in the headline).
 Design:   matched in steps: every run, at every size, takes STEPS = 850 optimizer steps, and the
           batch (sequences of 128 bytes) grows with size so each sees ≈ 21 tokens per
           non-embedding parameter (`batch_for`; whole sequences give 17.5 at 6K and 23.4 at 12K, with
           batches of 1 and 3, and 20.9–22.0 at the other sizes). One shape rule
           (`shape_rule`): d_ff = 4·d_model and n_layers = clip(d_model / 32, 2, 4), so depth is 2
-          up to 100K, 3 at 332K and 4 from 800K on. Eval on the same 256 validation windows (32K
-          bytes) for every run. `lr`: dense, seed 0, each size on a factor-2 grid of peak
-          learning rates (AdamW, 5% warmup, cosine) wide enough that its best point is interior.
-Expected: the dense optimum moves with size (measured before this sweep, at 852 steps: 99K bottoms
-          near 1.2e-2, 14K still falls at 2.4e-2, 332K prefers 1.2e-2 to 6e-3); `analyze` reports
-          each size's best grid point, a parabola in log lr through it and its neighbours, and the
-          trend of the optimum in N (used to place the 800K and 1.8M grids).
+          up to 100K, 3 at 332K and 4 from 800K on. `lr`: dense, seed 0, each size on a factor-2
+          grid of peak learning rates (AdamW, 5% warmup, cosine) wide enough that its best point
+          is interior. `main`: dense and 7 unstructured sparsities (25–93.75%) up to 332K, dense
+          and 50 / 75 / 87.5 / 93.75% at 800K and 1.8M; gradual magnitude pruning on one matched
+          schedule (cubic, 25% → 75% of training, 16 mask updates); 3 paired seeds (a seed's
+          variants share initialisation and data order, and train as one stacked job); each size
+          at its own dense optimum (`LR_TUNED`). `main` evaluates every run on the same 256
+          validation windows (32K bytes; `data.eval_batch_size`); the lr presets evaluated on
+          ⌊256 / batch⌋ batches of their own batch size (152–256 windows, by size), which is
+          enough to rank learning rates within a size.
+Expected: lr (measured, docs/figures/crossover/lr/): every size's optimum is interior, lr* 0.0150
+          … 0.0117 from 6.2K to 332K and 0.0113 at 800K, curved in N (local slopes +0.10 … −0.29).
+          main: the paired gap ΔL(S, N) = L_sparse − L_dense per seed, its trend in N per level
+          and where it turns.
 """
 
 from __future__ import annotations
@@ -53,6 +67,31 @@ LR_GRID = {
 # The two largest sizes, placed by the small sizes' optima (analysis/lr_tuning: lr* 0.012–0.018,
 # local slopes -0.29 and -0.17 above 56K): the predicted optimum ≈ 0.01 and a point either side.
 LR_GRID_LARGE = {"cpu_800k": _GRID[1:4], "cpu_1.8m": _GRID[1:4]}
+# Each size's dense optimum: the parabola vertex of its lr grid (lr / lr_800k presets, code b9a1c59
+# and 5646c47). 1.8M is EXTRAPOLATED (not measured): the power law over the seven measured sizes
+# gives 0.0111, the last local slope (-0.05) 0.0108; lr_1.8m checks it with a point either side.
+LR_TUNED = {
+    "cpu_6k": 0.0150,
+    "cpu_12k": 0.0163,
+    "cpu_25k": 0.0178,
+    "cpu_50k": 0.0171,
+    "cpu_100k": 0.0144,
+    "cpu_330k": 0.0117,
+    "cpu_800k": 0.0113,
+    "cpu_1.8m": 0.0110,
+}
+ALL_LEVELS = (0.0, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 0.9375)
+LARGE_LEVELS = (0.0, 0.5, 0.75, 0.875, 0.9375)
+SEEDS = (0, 1, 2)
+_MAIN = dict(
+    steps=STEPS,
+    tokens_per_param=TOKENS_PER_PARAM,
+    seq_len=SEQ_LEN,
+    eval_sequences=EVAL_SEQUENCES,
+    lr=LR_TUNED,
+    seeds=SEEDS,
+)
+MAIN_LEVELS = {size: ALL_LEVELS for size in SIZES[:6]} | {s: LARGE_LEVELS for s in SIZES[6:]}
 
 PRESETS = {
     "smoke": dict(
@@ -83,6 +122,30 @@ PRESETS = {
         )
         for size in LR_GRID_LARGE
     },
+    # `main` and its arms: the same runs, so records of the arms are records of `main`.
+    "main": dict(**_MAIN, levels=MAIN_LEVELS),
+    "main_6k_330k": dict(**_MAIN, levels={s: MAIN_LEVELS[s] for s in SIZES[:6]}),
+    **{
+        f"main_{size.removeprefix('cpu_')}": dict(**_MAIN, levels={size: MAIN_LEVELS[size]})
+        for size in SIZES[6:]
+    },
+    # The dense optimum at 87.5% sparsity (seed 0): half and twice the tuned LR at 99K (the tuned
+    # LR itself is a run of `main`).
+    "lr_sparse": dict(
+        **{**_MAIN, "seeds": (0,)},
+        levels={"cpu_100k": (0.875,)},
+        lr_factors=(0.5, 2.0),
+    ),
+    "main_smoke": dict(
+        steps=8,
+        tokens_per_param=0.3,
+        batches={"cpu_6k": 4, "cpu_12k": 8},
+        seq_len=32,
+        eval_sequences=8,
+        lr={"cpu_6k": 1.2e-2, "cpu_12k": 1.2e-2},
+        seeds=(0, 1),
+        levels={"cpu_6k": (0.0, 0.5, 0.875), "cpu_12k": (0.0, 0.875)},
+    ),
 }
 
 
@@ -102,25 +165,34 @@ def get_config(arg: str = "lr"):
     p = common.preset_of(PRESETS, arg, "crossover")
     c = common.base_config()
     c.experiment = "crossover"
-    if arg == "smoke":
+    smoke = arg.endswith("smoke")
+    if smoke:
         c = common.smoke(c)
     c.data.seq_len = c.model.max_len = p["seq_len"]
     c.train.steps = p["steps"]
     c.sparsity.structure = "unstructured"
-    c.sparsity.schedule.updates = 16 if arg != "smoke" else 2
-    c.train.log_every = 10 if arg != "smoke" else 2
-    c.train.ckpt_every = 100 if arg != "smoke" else 4
+    c.sparsity.schedule.updates = 2 if smoke else 16
+    c.train.log_every = 2 if smoke else 10
+    c.train.ckpt_every = 4 if smoke else 100
     return c
 
 
+def _batch(p: dict, size: str) -> int:
+    return p.get("batches", {}).get(size) or batch_for(
+        size, p["tokens_per_param"], p["steps"], p["seq_len"]
+    )
+
+
 def get_sweep(arg: str = "lr"):
-    """The learning-rate grid: dense, seed 0, every size at each of its learning rates."""
+    """lr presets: dense, seed 0, every size at each of its learning rates. main presets: every
+    size × level × seed at the size's tuned LR, seed-major so that one stacked job holds one
+    seed's variants and trains their shared dense prefix once."""
     p = common.preset_of(PRESETS, arg, "crossover")
+    if "levels" in p:
+        return _main_sweep(p)
     runs = []
     for size in p["sizes"]:
-        batch = p.get("batches", {}).get(size) or batch_for(
-            size, p["tokens_per_param"], p["steps"], p["seq_len"]
-        )
+        batch = _batch(p, size)
         for lr in p["lrs"][size]:
             runs.append(
                 {
@@ -133,6 +205,28 @@ def get_sweep(arg: str = "lr"):
                     **common.seed_overrides(0),
                 }
             )
+    return runs
+
+
+def _main_sweep(p: dict) -> list[dict]:
+    runs = []
+    for size, levels in p["levels"].items():
+        batch = _batch(p, size)
+        for factor in p.get("lr_factors", (1.0,)):
+            for seed in p["seeds"]:
+                for target in levels:
+                    runs.append(
+                        {
+                            "tag": "main" if factor == 1.0 else f"lr_x{factor:g}",
+                            "model.name": size,
+                            "data.batch_size": batch,
+                            "data.eval_batch_size": p["eval_sequences"],
+                            "train.eval_batches": 1,
+                            "train.lr": float(p["lr"][size] * factor),
+                            **common.sparsity_overrides("unstructured", target),
+                            **common.seed_overrides(seed),
+                        }
+                    )
     return runs
 
 

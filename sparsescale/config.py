@@ -94,6 +94,8 @@ class RunConfig:
             d.pop(k)
         if d["sparsity"]["schedule"]["updates"] is None:  # unset: same hash as before it existed
             d["sparsity"]["schedule"].pop("updates")
+        if d["data"]["eval_batch_size"] is None:
+            d["data"].pop("eval_batch_size")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -63,6 +63,7 @@ class DataConfig:
     text_glob: str | None = None  # required for local_text; "**" matches subdirectories
     seq_len: int = 128
     batch_size: int = 32
+    eval_batch_size: int | None = None  # validation rows per batch (None: batch_size)
     seed: int = 0  # shuffle seed
     # synthetic: entropy rate in nats/byte (the irreducible loss), Markov order, alphabet size,
     # seed of the language itself (not of the shuffle), bytes per split (whole 8 KiB documents).
@@ -103,6 +104,7 @@ def validate(cfg: DataConfig) -> None:
     ``jax.distributed.initialize()`` in multi-process runs."""
     _validate_dataset(cfg)
     _local_batch_size(cfg, _process_count())
+    _local_batch_size(cfg, _process_count(), eval_batch_size(cfg))
 
 
 def _validate_dataset(cfg: DataConfig) -> None:
@@ -112,6 +114,12 @@ def _validate_dataset(cfg: DataConfig) -> None:
         value = getattr(cfg, key)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"DataConfig.{key} must be a positive int, got {value!r}.")
+    if cfg.eval_batch_size is not None and (
+        not isinstance(cfg.eval_batch_size, int) or cfg.eval_batch_size < 1
+    ):
+        raise ValueError(
+            f"DataConfig.eval_batch_size must be a positive int or None, got {cfg.eval_batch_size!r}."
+        )
     if not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
         raise ValueError(f"DataConfig.seed must be an int in [0, 2**32), got {cfg.seed!r}.")
     if cfg.worker_count < 0 or cfg.read_threads < 0 or cfg.prefetch_batches < 0:
@@ -209,13 +217,15 @@ def train_iterator(
 def eval_batches(
     cfg: DataConfig, num_batches: int, shard_options: grain.sharding.ShardOptions | None = None
 ) -> list[np.ndarray]:
-    """``num_batches`` validation batches, np.int32 [local_batch, seq_len + 1], the same for every
-    seed and run: windows evenly spaced over the whole validation stream, unshuffled (cycling
-    only if the split has fewer windows than ``num_batches * batch_size``)."""
+    """``num_batches`` validation batches, np.int32 [local eval batch, seq_len + 1], the same for
+    every seed and run: windows evenly spaced over the whole validation stream, unshuffled
+    (cycling only if the split has fewer windows than ``num_batches * eval_batch_size``). Runs
+    with equal ``num_batches * eval_batch_size`` see the same windows whatever their batch_size."""
     if not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive int, got {num_batches!r}.")
     shard = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    local_batch = _local_batch_size(cfg, shard.shard_count)
+    batch = eval_batch_size(cfg)
+    local_batch = _local_batch_size(cfg, shard.shard_count, batch)
     prepared = prepare(cfg)
     windows = _Windows(prepared.stream_path(VALIDATION), cfg.seq_len)
     if len(windows) == 0:
@@ -223,12 +233,12 @@ def eval_batches(
             f"The {VALIDATION} split of {cfg.name!r} ({prepared.split_num_bytes[VALIDATION]} "
             f"bytes) is too short for one window of seq_len + 1 = {cfg.seq_len + 1} bytes."
         )
-    total = num_batches * cfg.batch_size
+    total = num_batches * batch
     if total <= len(windows):
         index = np.arange(total, dtype=np.int64) * len(windows) // total
     else:
         index = np.arange(total, dtype=np.int64) % len(windows)
-    index_TxB = index.reshape(num_batches, cfg.batch_size)
+    index_TxB = index.reshape(num_batches, batch)
     rows = slice(shard.shard_index * local_batch, (shard.shard_index + 1) * local_batch)
     return [windows.gather(index_B[rows]) for index_B in index_TxB]
 
@@ -741,13 +751,20 @@ def _process_count() -> int:
     return jax.process_count()
 
 
-def _local_batch_size(cfg: DataConfig, process_count: int) -> int:
-    if cfg.batch_size % process_count:
+def eval_batch_size(cfg: DataConfig) -> int:
+    """Global rows per validation batch."""
+    return cfg.batch_size if cfg.eval_batch_size is None else cfg.eval_batch_size
+
+
+def _local_batch_size(cfg: DataConfig, process_count: int, batch: int | None = None) -> int:
+    batch = cfg.batch_size if batch is None else batch
+    if batch % process_count:
+        name = "batch_size" if batch == cfg.batch_size else "eval_batch_size"
         raise ValueError(
-            f"DataConfig.batch_size={cfg.batch_size} (global) must be divisible by the number of "
-            f"processes ({process_count}); each process loads batch_size / process_count rows."
+            f"DataConfig.{name}={batch} (global) must be divisible by the number of "
+            f"processes ({process_count}); each process loads {name} / process_count rows."
         )
-    return cfg.batch_size // process_count
+    return batch // process_count
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx, traverse_util
 
+from sparsescale import data as data_lib
 from sparsescale import masking, stacking
 from sparsescale import model as model_lib
 from sparsescale import pruner as pruner_lib
@@ -221,15 +222,19 @@ def build(
 
 
 def check_batch(cfg: RunConfig, mesh) -> None:
-    """The global batch must split evenly over the mesh's batch axes."""
+    """The global train and eval batches must split evenly over the mesh's batch axes."""
     batch_axes = dict(cfg.mesh.rules).get("batch") or ()
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
     shards = math.prod(mesh.shape[a] for a in batch_axes)
-    if cfg.data.batch_size % shards:
-        raise ValueError(
-            f"data.batch_size={cfg.data.batch_size} is not divisible by the {shards} batch shards "
-            f"of the mesh ({', '.join(f'{a}={mesh.shape[a]}' for a in batch_axes)})."
-        )
+    for name, batch in (
+        ("batch_size", cfg.data.batch_size),
+        ("eval_batch_size", data_lib.eval_batch_size(cfg.data)),
+    ):
+        if batch % shards:
+            raise ValueError(
+                f"data.{name}={batch} is not divisible by the {shards} batch shards of the "
+                f"mesh ({', '.join(f'{a}={mesh.shape[a]}' for a in batch_axes)})."
+            )
 
 
 def _fresh_model(cfg: RunConfig, block_budgets, seed=None):

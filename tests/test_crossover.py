@@ -98,3 +98,35 @@ def test_a_trend_from_two_sizes_is_refused(tmp_path):
         lr_tuning.predict(fit, 1e6)
     report = lr_tuning.write_report(results, tmp_path, "t")
     assert "Not fitted" in report.read_text() and (tmp_path / "figures" / "lr.png").exists()
+
+
+def test_main_sweep_is_step_matched_paired_and_evaluates_one_window_set():
+    runs = crossover.get_sweep("main")
+    config = crossover.get_config("main")
+    assert config.train.steps == crossover.STEPS
+    cells = {}
+    for r in runs:
+        cells.setdefault((r["model.name"], r["train.seed"]), []).append(r)
+        assert r["train.lr"] == crossover.LR_TUNED[r["model.name"]]  # one LR per size
+        assert r["data.eval_batch_size"] * r["train.eval_batches"] == 256  # same windows
+        assert r["train.seed"] == r["data.seed"] == r["sparsity.seed"]
+    for (size, _), variants in cells.items():
+        levels = sorted(r["sparsity.target"] for r in variants)
+        expected = crossover.ALL_LEVELS if _non_embedding(size) < 4e5 else crossover.LARGE_LEVELS
+        assert levels == sorted(expected), size  # dense (target 0) and every level, per seed
+        assert len({r["data.batch_size"] for r in variants}) == 1
+    assert {seed for _, seed in cells} == {0, 1, 2} and len(runs) == 6 * 8 * 3 + 2 * 5 * 3
+    # the arms hold exactly the runs of main (so their records are main's records)
+    arms = [r for a in ("main_6k_330k", "main_800k", "main_1.8m") for r in crossover.get_sweep(a)]
+    key = lambda r: sorted(r.items())  # noqa: E731
+    assert sorted(map(key, arms)) == sorted(map(key, runs))
+    assert crossover.get_config("main_800k") == config
+
+
+def test_lr_sparse_brackets_the_tuned_lr_of_main():
+    runs = crossover.get_sweep("lr_sparse")
+    tuned = crossover.LR_TUNED["cpu_100k"]
+    assert sorted(r["train.lr"] for r in runs) == pytest.approx([tuned / 2, tuned * 2])
+    assert {(r["model.name"], r["sparsity.target"], r["train.seed"]) for r in runs} == {
+        ("cpu_100k", 0.875, 0)
+    }

@@ -136,6 +136,22 @@ def test_same_seed_same_batches_different_seed_different_order(cfg):
     np.testing.assert_array_equal(np.stack(e1), np.stack(e2))
 
 
+def test_eval_batch_size_gives_every_train_batch_the_same_windows(cfg, corpus):
+    val_windows = _windows(_expected_streams(corpus)["validation"], SEQ_LEN)
+    total = 6
+    assert total < len(val_windows)  # evenly spaced, not cycled: index i * len // total
+    expected = [val_windows[i * len(val_windows) // total] for i in range(total)]
+    for batch_size in (1, 2, 5):
+        c = dataclasses.replace(cfg, batch_size=batch_size, eval_batch_size=total)
+        (batch,) = data.eval_batches(c, 1)
+        assert _rows(batch) == expected, batch_size
+    # unset, the rows per eval batch follow batch_size (the layout every earlier run used)
+    (a, b) = data.eval_batches(dataclasses.replace(cfg, batch_size=3), 2)
+    assert len(_rows(a)) == len(_rows(b)) == 3
+    with pytest.raises(ValueError, match="eval_batch_size"):
+        data.validate(dataclasses.replace(cfg, eval_batch_size=0))
+
+
 def test_get_state_resume_matches_uninterrupted_run_across_epochs(cfg):
     per_epoch = (data.num_bytes(cfg, "train") - 1) // SEQ_LEN // BATCH
     k = per_epoch + 2  # resume after an epoch boundary
