@@ -478,3 +478,26 @@ def plot_extrapolation(held: pd.DataFrame, path=None, title: str = "") -> plt.Fi
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save(fig, path)
+
+
+def plot_local_slopes(table: pd.DataFrame, path=None) -> plt.Figure:
+    """β between adjacent sizes (`gap.local_slopes`) at the pair's geometric-mean size, one line
+    per sparsity, with the seed intervals: where the gap's trend in N changes sign."""
+    colors = _sparsity_colors(table["sparsity"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    levels = sorted(table["sparsity"].unique())
+    offsets = np.linspace(-0.04, 0.04, len(levels))  # in log10 N, so the bars do not overlap
+    for s, dx in zip(levels, offsets, strict=True):
+        sub = table[table["sparsity"] == s]
+        x = np.sqrt(sub["size_from"] * sub["size_to"]).to_numpy() * 10**dx
+        y = sub["beta"].to_numpy()
+        yerr = np.abs(np.vstack([y - sub["lo"].to_numpy(), sub["hi"].to_numpy() - y]))
+        ax.errorbar(x, y, yerr=yerr, marker="o", ms=4, capsize=2, color=colors[s], label=f"{s:g}")
+    ax.axhline(0.0, color="k", lw=0.8)
+    size_axis(ax)
+    ax.set_xlabel("non-embedding parameters N (geometric mean of the size pair)")
+    ax.set_ylabel("local β = −Δlog ΔL / Δlog N\n(> 0: gap shrinks with size)")
+    ax.set_title("Local slope of the paired gap between adjacent sizes\nbars: 95% over seeds")
+    ax.legend(title="sparsity", fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(alpha=0.3)
+    return save(fig, path)

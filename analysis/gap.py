@@ -170,6 +170,32 @@ def gap_scaling(
     return _sort(pd.DataFrame(rows), "sparsity") if rows else pd.DataFrame(rows)
 
 
+def local_slopes(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
+    """β between each pair of adjacent sizes, per (task, regime, S): −Δlog ΔL / Δlog N within each
+    seed (β > 0: the gap shrinks with size, the sign convention of `gap_scaling`), with its mean
+    and t-interval over the seeds that have a positive gap at both sizes. Where a curved relation
+    has one global β, these say where it turns: a sign change with both intervals excluding 0."""
+    rows = []
+    for (task, regime, s), sub in pairs.groupby(["task", "regime", "sparsity"]):
+        sizes = sorted(sub[SIZE].unique())
+        for a, b in zip(sizes, sizes[1:], strict=False):
+            wide = sub[sub[SIZE].isin((a, b))].pivot_table(index="seed", columns=SIZE, values="gap")
+            wide = wide.dropna()
+            wide = wide[(wide > 0).all(axis=1)]
+            betas = list(-(np.log(wide[b]) - np.log(wide[a])) / (np.log(b) - np.log(a)))
+            mean, lo, hi = _mean_interval(betas, ci_level)
+            sign = "inconclusive"
+            if len(betas) >= 2 and lo > 0:
+                sign = "shrinks"
+            elif len(betas) >= 2 and hi < 0:
+                sign = "grows"
+            rows.append(
+                {"task": task, "regime": regime, "sparsity": s, "size_from": a, "size_to": b,
+                 "beta": mean, "lo": lo, "hi": hi, "n_seeds": len(betas), "gap_with_size": sign}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def _within_seed_slopes(
     per_seed: Iterable[pd.DataFrame], x: str, required: set | None = None
 ) -> list[float]:

@@ -4,8 +4,8 @@ Command:  python -m experiments.reproduce crossover --preset main   (the answer:
           sparsity × seed at each size's tuned learning rate; records under
           docs/records/crossover/main/). On a small machine run it one arm at a time, smallest
           first: `--preset main_6k_330k`, then `main_800k`, then `main_1.8m` (the same runs as
-          `main`, so `python -m launch collect ... --records docs/records/crossover/main` files
-          them where `main` reuses them). Before it: `--preset lr` (the learning-rate grid), then
+          `main`, and `RECORDS_OF` files their records under docs/records/crossover/main/, where
+          `main` reuses them; an arm's --analyze-only reports every main record committed). Before it: `--preset lr` (the learning-rate grid), then
           `lr_800k` and `lr_1.8m` (6e-3 / 1.2e-2 / 2.4e-2 at the two largest sizes); after it,
           `lr_sparse` (does the dense optimum hold at 87.5%?).
 Runtime:  smoke ≈ 1 min. lr: 35 dense runs, one process each (learning rates do not stack), on
@@ -91,6 +91,8 @@ _MAIN = dict(
     lr=LR_TUNED,
     seeds=SEEDS,
 )
+ARMS = ("main_6k_330k", "main_800k", "main_1.8m")
+RECORDS_OF = dict.fromkeys(ARMS, "main")  # reproduce: the arms read and write main's records
 MAIN_LEVELS = {size: ALL_LEVELS for size in SIZES[:6]} | {s: LARGE_LEVELS for s in SIZES[6:]}
 
 PRESETS = {
@@ -231,9 +233,44 @@ def _main_sweep(p: dict) -> list[dict]:
 
 
 def analyze(results, out_dir):
-    """The learning-rate report: per size, eval loss against the peak learning rate."""
+    """lr presets: the learning-rate report (per size, eval loss against the peak LR). main
+    presets: the headline's report (β(S), S*(N), fits) and where the gap turns with size
+    (`turning.md`: β between adjacent sizes, within seeds, with intervals over seeds)."""
     from analysis import lr_tuning
 
     if not len(results):
         return {}
-    return {"lr": lr_tuning.write_report(results, out_dir / "lr", "Crossover: learning rates")}
+    reports = {}
+    lr_rows = results[results["tag"] == "lr"]
+    if len(lr_rows):
+        reports["lr"] = lr_tuning.write_report(lr_rows, out_dir / "lr", "Crossover: learning rates")
+    main = results[results["tag"] == "main"]
+    if len(main):
+        reports["main"] = common.report(main, out_dir / "main", "Crossover: the gap against size")
+        reports["turning"] = write_turning(main, out_dir / "main" / "turning.md")
+    return reports
+
+
+def write_turning(results, path):
+    """Local slopes of the paired gap between adjacent sizes, one row per (level, size pair)."""
+    from analysis import figures, gap
+    from analysis import report as report_lib
+
+    table = gap.local_slopes(gap.paired_gaps(results)).drop(columns=["task", "regime"])
+    figures.plot_local_slopes(table, path.parent / "figures" / "local_slopes")
+    text = [
+        "# Crossover: where the cost of sparsity turns with size",
+        "",
+        f"{results['run_id'].nunique()} runs. N = non-embedding parameters. β between adjacent "
+        "sizes: −Δlog ΔL / Δlog N within each seed (ΔL = L_sparse − L_dense of the same seed), "
+        "mean and 95% t-interval over seeds; β > 0: the gap shrinks with size. `gap_with_size` "
+        "is 'shrinks' / 'grows' only where the interval excludes 0.",
+        "",
+        report_lib.markdown_table(table),
+        "",
+        "![local slope of the gap against size](figures/local_slopes.png)",
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))
+    return path

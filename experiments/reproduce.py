@@ -12,7 +12,8 @@ results; `--publish` writes them to `docs/figures/<figure>/<preset>/` instead an
 `docs/RESULTS.md`; `--out DIR` writes them to `DIR/<figure>/<preset>/`.
 `--analyze-only` redraws without training, to the same places, from the committed run records
 (`docs/records/<figure>/<preset>/`), or where there are none from the committed results table
-(`docs/figures/<figure>/<preset>/results.csv`).
+(`docs/figures/<figure>/<preset>/results.csv`). A preset that is an arm of another (the
+experiment's `RECORDS_OF`) shares that preset's records directory.
 
 Committed run records (`launch/records.py`, `docs/records/<figure>/<preset>/<run_id>.json`): a
 run whose record matches its config is not trained again (its summary comes from the record), and
@@ -103,7 +104,9 @@ def main(argv=None) -> int:
     root = args.root / source / args.preset
     out = output_dir(args.figure, args.preset, args.root, args.out, args.publish)
     committed = DOCS / "figures" / args.figure / args.preset / "results.csv"
-    run_records = DOCS / "records" / source / args.preset
+    # presets that are arms of another share its records (experiment's RECORDS_OF: arm -> preset)
+    records_preset = getattr(module, "RECORDS_OF", {}).get(args.preset, args.preset)
+    run_records = DOCS / "records" / source / records_preset
     table = out / "results.csv"
 
     from launch import __main__ as launch_cli

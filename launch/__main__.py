@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     col.add_argument("root", type=Path)
     col.add_argument("--all", action="store_true", help="also rows for unfinished runs")
     col.add_argument("--records", type=Path, help="also write a record per finished run here")
+    post = sub.add_parser(
+        "posttrain", help="prune each finished dense run one-shot: <root>/posttrain.csv"
+    )
+    post.add_argument("experiment")
+    post.add_argument("--root", required=True, type=Path)
+    post.add_argument("--methods", nargs="+", help="one-shot methods (default: all)")
+    post.add_argument("--structures", nargs="+", help="posttrain.STRUCTURES names (default: all)")
     return parser
 
 
@@ -105,6 +112,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
         return 0
 
+    if args.command == "posttrain":
+        from launch import posttrain
+
+        try:  # bad names fail here, before anything is restored or written
+            post = posttrain.post_config(args.methods, args.structures)
+        except ValueError as e:
+            raise sweep.SweepError(str(e)) from e
+        path, added = posttrain.run(sweep.expand(args.experiment), args.root, post)
+        print(f"{added} dense runs pruned one-shot -> {path}")
+        return 0
     expanded = sweep.expand(args.experiment)
     jobs, threads, source = local.default_jobs_threads()
     if args.jobs or args.threads:

@@ -166,3 +166,13 @@ def evaluate(
                 }
             )
     return rows
+
+
+def evaluate_runs(runs, root: str | Path, post: PostTrainConfig = PostTrainConfig()):
+    """`evaluate` for each finished dense run of `runs` ((run_id, RunConfig) pairs, each in
+    `root / run_id`); sparse and unfinished runs are skipped. Yields one run's rows at a time,
+    so a caller can write them as they come."""
+    for run_id, cfg in runs:
+        workdir = Path(root) / run_id
+        if cfg.sparsity.structure is None and (workdir / rf.SUMMARY).exists():
+            yield evaluate(cfg, workdir, post)

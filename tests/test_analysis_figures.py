@@ -154,3 +154,21 @@ def test_published_vit_report(tmp_path):
     b_n = float(_table_value(text, "Sparse scaling law", "b_N"))
     assert b_n == pytest.approx(0.392, rel=0.01)  # the published ViT exponent
     assert (tmp_path / "figures" / "loss_vs_params.png").is_file()
+
+
+def test_local_slope_figure_draws_each_level_with_its_seed_interval(tmp_path):
+    from analysis import figures
+
+    table = pd.DataFrame(
+        {"sparsity": [0.5, 0.5, 0.9, 0.9], "size_from": [1e4, 1e5] * 2, "size_to": [1e5, 1e6] * 2,
+         "beta": [-0.3, 0.2, -0.4, 0.1], "lo": [-0.5, 0.1, -0.6, -0.1], "hi": [-0.1, 0.3, -0.2, 0.3]}
+    )  # fmt: skip
+    fig = figures.plot_local_slopes(table, tmp_path / "slopes")
+    ax = fig.axes[0]
+    assert (tmp_path / "slopes.png").stat().st_size > 0
+    lines = [container.lines[0] for container in ax.containers]  # the errorbars' data lines
+    assert len(lines) == 2  # one line per level
+    for line, betas in zip(lines, ([-0.3, 0.2], [-0.4, 0.1]), strict=True):
+        np.testing.assert_allclose(line.get_ydata(), betas)
+        x = np.asarray(line.get_xdata())
+        assert np.allclose(x / np.array([np.sqrt(1e9), np.sqrt(1e11)]), x[0] / np.sqrt(1e9))

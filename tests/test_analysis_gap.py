@@ -211,3 +211,30 @@ def test_tolerance_figure_shows_every_tested_level():
     bottom, top = fig.axes[0].get_ylim()
     assert (table["status"] == "below").all() and table["s_star"].min() == 0.25
     assert bottom < 0.25 < top
+
+
+def test_local_slopes_recover_a_known_turn_and_its_seed_interval():
+    # ΔL = g · N^-β(N) with β = -0.3 below 1e5 and +0.2 above: the gap grows, then shrinks
+    sizes = [1e4, 3e4, 1e5, 3e5, 1e6]
+    log_gap = {1e4: 0.0}
+    for a, b in zip(sizes, sizes[1:], strict=False):
+        beta = -0.3 if b <= 1e5 else 0.2
+        log_gap[b] = log_gap[a] - beta * np.log(b / a)
+    rows = []
+    for seed, noise in enumerate((0.98, 1.0, 1.02)):  # a seed-level factor: cancels in β
+        for n in sizes:
+            for kind, loss in (
+                ("dense", 2.0),
+                ("unstructured", 2.0 + 0.1 * np.exp(log_gap[n]) * noise),
+            ):
+                rows.append(
+                    {"task": "t", "n_nonembedding": n, "n_params_total": n, "tokens": 20 * n,
+                     "seed": seed, "structure": kind, "sparsity": 0.0 if kind == "dense" else 0.5,
+                     "eval_loss": loss}
+                )  # fmt: skip
+    pairs = gap.paired_gaps(pd.DataFrame(rows))
+    table = gap.local_slopes(pairs)
+    assert list(table["size_from"]) == sizes[:-1]
+    np.testing.assert_allclose(table["beta"], [-0.3, -0.3, 0.2, 0.2], atol=1e-9)
+    assert list(table["gap_with_size"]) == ["grows", "grows", "shrinks", "shrinks"]
+    assert (table["n_seeds"] == 3).all()

@@ -117,7 +117,7 @@ def test_main_sweep_is_step_matched_paired_and_evaluates_one_window_set():
         assert len({r["data.batch_size"] for r in variants}) == 1
     assert {seed for _, seed in cells} == {0, 1, 2} and len(runs) == 6 * 8 * 3 + 2 * 5 * 3
     # the arms hold exactly the runs of main (so their records are main's records)
-    arms = [r for a in ("main_6k_330k", "main_800k", "main_1.8m") for r in crossover.get_sweep(a)]
+    arms = [r for a in crossover.ARMS for r in crossover.get_sweep(a)]
     key = lambda r: sorted(r.items())  # noqa: E731
     assert sorted(map(key, arms)) == sorted(map(key, runs))
     assert crossover.get_config("main_800k") == config

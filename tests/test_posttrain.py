@@ -61,3 +61,30 @@ def test_bad_inputs_are_named(dense_run, tmp_path):
     sparse = config_lib.run_config(__import__("conftest").make_smoke_config())
     with pytest.raises(ValueError, match="starts from a dense run"):
         posttrain.evaluate(sparse, workdir)
+
+
+def test_launch_posttrain_prunes_each_finished_dense_run_once(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from launch import __main__ as launch_cli
+
+    spec = "experiments/crossover.py:main_smoke"
+    assert launch_cli.main(["run", spec, "--root", str(tmp_path), "--jobs", "1"]) == 0
+    post = ["--methods", "magnitude", "wanda", "--structures", "nm_2:4"]
+    assert launch_cli.main(["posttrain", spec, "--root", str(tmp_path), *post]) == 0
+    table = pd.read_csv(tmp_path / "posttrain.csv")
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")}
+    dense = {k: v for k, v in summaries.items() if v["structure"] == "dense"}
+    assert set(table["run_id"]) == set(dense) and len(dense) == 4  # sparse runs are skipped
+    for run_id, rows in table.groupby("run_id"):
+        assert list(rows["method"]) == ["dense", "magnitude", "wanda"]
+        base = rows[rows["method"] == "dense"]["eval_loss"].item()
+        assert base == pytest.approx(dense[run_id]["eval_loss"], rel=1e-5)
+    # a second pass finds every dense run done and leaves the table as it was
+    before = (tmp_path / "posttrain.csv").read_bytes()
+    assert launch_cli.main(["posttrain", spec, "--root", str(tmp_path), *post]) == 0
+    assert (tmp_path / "posttrain.csv").read_bytes() == before
+    bad = ["posttrain", spec, "--root", str(tmp_path), "--structures", "nm_1:3"]
+    assert launch_cli.main(bad) == 2  # a one-line error naming the structure
