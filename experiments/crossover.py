@@ -11,8 +11,9 @@ Command:  python -m experiments.reproduce crossover --preset main   (the answer:
 Runtime:  smoke ≈ 1 min. lr: 35 dense runs, one process each (learning rates do not stack), on
           1 job × 1 thread: measured ≈ 1.5 h beside other work (the 332K runs 19 min each under
           load). lr_800k: 3 runs, measured ≈ 28 min each (2 jobs × 1 thread); lr_1.8m estimated
-          ≈ 76 min a run. main_6k_330k: 144 runs in 18 stacked jobs of 8, estimated ≈ 2.5 h on
-          2 jobs × 1 thread (the 332K jobs ≈ 73 min each, as in the headline).
+          ≈ 76 min a run. main_6k_330k: 144 runs in 21 stacked jobs, measured 58 min on
+          2 jobs × 1 thread (a 332K job of 8 variants ≈ 16 min). main_800k / main_1.8m: not run
+          yet; a stacked 800K job (5 variants) is estimated ≈ 1 h from the 332K one's step cost.
 Design:   matched in steps: every run, at every size, takes STEPS = 850 optimizer steps, and the
           batch (sequences of 128 bytes) grows with size so each sees ≈ 21 tokens per
           non-embedding parameter (`batch_for`; whole sequences give 17.5 at 6K and 23.4 at 12K, with
@@ -30,8 +31,10 @@ Design:   matched in steps: every run, at every size, takes STEPS = 850 optimize
           enough to rank learning rates within a size.
 Expected: lr (measured, docs/figures/crossover/lr/): every size's optimum is interior, lr* 0.0150
           … 0.0117 from 6.2K to 332K and 0.0113 at 800K, curved in N (local slopes +0.10 … −0.29).
-          main: the paired gap ΔL(S, N) = L_sparse − L_dense per seed, its trend in N per level
-          and where it turns.
+          main_6k_330k (measured, docs/figures/crossover/main_6k_330k/main/): the local β of the
+          paired gap is negative (the gap grows with N) in 20 of 21 cells below 56K, then shrinks from 99K to 332K at 37.5–87.5% (local
+          β +0.43 / +0.32 / +0.17 / +0.05 at 37.5 / 50 / 75 / 87.5%, seed intervals above 0) and is
+          flat at 93.75%.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Each finished dense run of the sweep is restored from its final checkpoint and pruned one-shot
 (`sparsescale.posttrain`); its rows are appended to `<root>/posttrain.csv` as soon as they are
-computed, so an interrupted pass loses at most the run it was on, and runs already in the file are
-not pruned again.
+computed (with the `code_version` that computed them), so an interrupted pass loses at most the
+run it was on, and runs already in the file are not pruned again.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pandas as pd
 
 from launch.sweep import Sweep
 from sparsescale import config as config_lib
-from sparsescale import posttrain
+from sparsescale import posttrain, provenance
 
 POSTTRAIN_FILE = "posttrain.csv"
 
@@ -38,8 +38,9 @@ def run(expanded: Sweep, root: Path, post: posttrain.PostTrainConfig) -> tuple[P
         for r, c in zip(expanded.runs, expanded.configs, strict=True)
         if r.run_id not in done
     ]
-    added = 0
+    added, version = 0, provenance.code_version()
     for rows in posttrain.evaluate_runs(pending, root, post):
+        rows = [{**row, "code_version": version} for row in rows]
         table = pd.concat([pd.read_csv(path), pd.DataFrame(rows)]) if path.exists() else None
         tmp = path.with_suffix(".csv.tmp")
         (pd.DataFrame(rows) if table is None else table).to_csv(tmp, index=False)

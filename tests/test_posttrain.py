@@ -80,6 +80,7 @@ def test_launch_posttrain_prunes_each_finished_dense_run_once(tmp_path):
     assert set(table["run_id"]) == set(dense) and len(dense) == 4  # sparse runs are skipped
     for run_id, rows in table.groupby("run_id"):
         assert list(rows["method"]) == ["dense", "magnitude", "wanda"]
+        assert rows["code_version"].nunique() == 1 and rows["code_version"].iloc[0]
         base = rows[rows["method"] == "dense"]["eval_loss"].item()
         assert base == pytest.approx(dense[run_id]["eval_loss"], rel=1e-5)
     # a second pass finds every dense run done and leaves the table as it was
