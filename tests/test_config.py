@@ -41,8 +41,28 @@ def test_schedule_updates_key_and_hash(smoke_config):
     assert unset.sparsity.schedule.updates is None
     d = unset.to_dict()
     d["sparsity"]["schedule"].pop("updates")
+    d["data"].pop("eval_batch_size")  # also later than the hash: unset, it is left out too
     for k in ("run_id", "experiment", "tag"):
         d.pop(k)
     assert unset.hash() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     fixed = config_lib.run_config(smoke_config(**{"sparsity.schedule.updates": 4}))
     assert fixed.sparsity.schedule.updates == 4 and fixed.hash() != unset.hash()
+
+
+def test_records_written_before_eval_batch_size_existed_still_match_their_configs():
+    """The lr_800k records (code 5646c47) predate data.eval_batch_size: their config hashes must
+    equal those of the same runs expanded now, so the launcher still reuses them."""
+    import pathlib
+
+    from launch import sweep
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    expanded = sweep.expand(str(repo / "experiments" / "crossover.py") + ":lr_800k")
+    records = {
+        r["summary"]["run_id"]: r
+        for r in map(json.loads, map(pathlib.Path.read_text,
+                                     (repo / "docs/records/crossover/lr_800k").glob("*.json")))
+    }  # fmt: skip
+    assert len(records) == len(expanded.runs) == 3
+    for run, config in zip(expanded.runs, expanded.configs, strict=True):
+        assert records[run.run_id]["config_hash"] == config_lib.run_config(config).hash()
