@@ -5,9 +5,10 @@ Command:  python -m experiments.reproduce crossover --preset main   (the answer:
           docs/records/crossover/main/). On a small machine run it one arm at a time, smallest
           first: `--preset main_6k_330k`, then `main_800k`, then `main_1.8m` (the same runs as
           `main`, and `RECORDS_OF` files their records under docs/records/crossover/main/, where
-          `main` reuses them; an arm's --analyze-only reports every main record committed). Before it: `--preset lr` (the learning-rate grid), then
-          `lr_800k` and `lr_1.8m` (6e-3 / 1.2e-2 / 2.4e-2 at the two largest sizes); after it,
-          `lr_sparse` (does the dense optimum hold at 87.5%?).
+          `main` reuses them; an arm's --analyze-only reports every main record committed).
+          Before it: `--preset lr` (the learning-rate grid), then `lr_800k` and `lr_1.8m`
+          (6e-3 / 1.2e-2 / 2.4e-2 at the two largest sizes); after it, `lr_sparse` (does the
+          dense optimum hold at 87.5%?).
 Runtime:  smoke ≈ 1 min. lr: 35 dense runs, one process each (learning rates do not stack), on
           1 job × 1 thread: measured ≈ 1.5 h beside other work (the 332K runs 19 min each under
           load). lr_800k: 3 runs, measured ≈ 28 min each (2 jobs × 1 thread); lr_1.8m estimated
@@ -32,8 +33,8 @@ Design:   matched in steps: every run, at every size, takes STEPS = 850 optimize
 Expected: lr (measured, docs/figures/crossover/lr/): every size's optimum is interior, lr* 0.0150
           … 0.0117 from 6.2K to 332K and 0.0113 at 800K, curved in N (local slopes +0.10 … −0.29).
           main_6k_330k (measured, docs/figures/crossover/main_6k_330k/main/): the local β of the
-          paired gap is negative (the gap grows with N) in 20 of 21 cells below 56K, then shrinks from 99K to 332K at 37.5–87.5% (local
-          β +0.43 / +0.32 / +0.17 / +0.05 at 37.5 / 50 / 75 / 87.5%, seed intervals above 0) and is
+          paired gap is negative (the gap grows with N) in 20 of 21 cells below 56K; it
+          shrinks from 99K to 332K at 37.5–87.5% (local β +0.43 / +0.32 / +0.17 / +0.05 at 37.5 / 50 / 75 / 87.5%, seed intervals above 0) and is
           flat at 93.75%.
 """
 
@@ -86,14 +87,11 @@ LR_TUNED = {
 ALL_LEVELS = (0.0, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 0.9375)
 LARGE_LEVELS = (0.0, 0.5, 0.75, 0.875, 0.9375)
 SEEDS = (0, 1, 2)
-_MAIN = dict(
-    steps=STEPS,
-    tokens_per_param=TOKENS_PER_PARAM,
-    seq_len=SEQ_LEN,
-    eval_sequences=EVAL_SEQUENCES,
-    lr=LR_TUNED,
-    seeds=SEEDS,
+# The matched design every full-size preset shares.
+_MATCHED = dict(
+    steps=STEPS, tokens_per_param=TOKENS_PER_PARAM, seq_len=SEQ_LEN, eval_sequences=EVAL_SEQUENCES
 )
+_MAIN = dict(**_MATCHED, lr=LR_TUNED, seeds=SEEDS)
 ARMS = ("main_6k_330k", "main_800k", "main_1.8m")
 RECORDS_OF = dict.fromkeys(ARMS, "main")  # reproduce: the arms read and write main's records
 MAIN_LEVELS = {size: ALL_LEVELS for size in SIZES[:6]} | {s: LARGE_LEVELS for s in SIZES[6:]}
@@ -108,23 +106,9 @@ PRESETS = {
         eval_sequences=8,
         lrs={"cpu_6k": (3e-3, 1.2e-2), "cpu_12k": (3e-3, 1.2e-2)},
     ),
-    "lr": dict(
-        sizes=tuple(LR_GRID),
-        steps=STEPS,
-        tokens_per_param=TOKENS_PER_PARAM,
-        seq_len=SEQ_LEN,
-        eval_sequences=EVAL_SEQUENCES,
-        lrs=LR_GRID,
-    ),
+    "lr": dict(sizes=tuple(LR_GRID), **_MATCHED, lrs=LR_GRID),
     **{
-        f"lr_{size.removeprefix('cpu_')}": dict(
-            sizes=(size,),
-            steps=STEPS,
-            tokens_per_param=TOKENS_PER_PARAM,
-            seq_len=SEQ_LEN,
-            eval_sequences=EVAL_SEQUENCES,
-            lrs=LR_GRID_LARGE,
-        )
+        f"lr_{size.removeprefix('cpu_')}": dict(sizes=(size,), **_MATCHED, lrs=LR_GRID_LARGE)
         for size in LR_GRID_LARGE
     },
     # `main` and its arms: the same runs, so records of the arms are records of `main`.

@@ -32,19 +32,21 @@ def post_config(methods=None, structures=None) -> posttrain.PostTrainConfig:
 def run(expanded: Sweep, root: Path, post: posttrain.PostTrainConfig) -> tuple[Path, int]:
     """(path of the table, number of dense runs added to it)."""
     path = Path(root) / POSTTRAIN_FILE
-    done = set(pd.read_csv(path)["run_id"]) if path.exists() else set()
+    table = pd.read_csv(path) if path.exists() else pd.DataFrame({"run_id": []})
     pending = [
         (r.run_id, dataclasses.replace(config_lib.run_config(c), run_id=r.run_id))
         for r, c in zip(expanded.runs, expanded.configs, strict=True)
-        if r.run_id not in done
+        if r.run_id not in set(table["run_id"])
     ]
     added, version = 0, provenance.code_version()
     for rows in posttrain.evaluate_runs(pending, root, post):
-        rows = [{**row, "code_version": version} for row in rows]
-        table = pd.concat([pd.read_csv(path), pd.DataFrame(rows)]) if path.exists() else None
+        rows = pd.DataFrame(rows).assign(code_version=version)
+        table = pd.concat([table, rows]) if len(table) else rows
         tmp = path.with_suffix(".csv.tmp")
-        (pd.DataFrame(rows) if table is None else table).to_csv(tmp, index=False)
+        table.to_csv(tmp, index=False)
         tmp.replace(path)  # atomic: the table is whole at every moment
         added += 1
-        print(f"posttrain: {rows[0]['run_id']} ({added} of the pending dense runs)", flush=True)
+        print(
+            f"posttrain: {rows['run_id'].iloc[0]} ({added} of the pending dense runs)", flush=True
+        )
     return path, added

@@ -104,7 +104,7 @@ def validate(cfg: DataConfig) -> None:
     ``jax.distributed.initialize()`` in multi-process runs."""
     _validate_dataset(cfg)
     _local_batch_size(cfg, _process_count())
-    _local_batch_size(cfg, _process_count(), eval_batch_size(cfg))
+    _local_batch_size(cfg, _process_count(), "eval_batch_size")
 
 
 def _validate_dataset(cfg: DataConfig) -> None:
@@ -225,7 +225,7 @@ def eval_batches(
         raise ValueError(f"num_batches must be a positive int, got {num_batches!r}.")
     shard = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     batch = eval_batch_size(cfg)
-    local_batch = _local_batch_size(cfg, shard.shard_count, batch)
+    local_batch = _local_batch_size(cfg, shard.shard_count, "eval_batch_size")
     prepared = prepare(cfg)
     windows = _Windows(prepared.stream_path(VALIDATION), cfg.seq_len)
     if len(windows) == 0:
@@ -756,10 +756,10 @@ def eval_batch_size(cfg: DataConfig) -> int:
     return cfg.batch_size if cfg.eval_batch_size is None else cfg.eval_batch_size
 
 
-def _local_batch_size(cfg: DataConfig, process_count: int, batch: int | None = None) -> int:
-    batch = cfg.batch_size if batch is None else batch
+def _local_batch_size(cfg: DataConfig, process_count: int, name: str = "batch_size") -> int:
+    """Rows per process of the global train (`name` "batch_size") or eval batch."""
+    batch = eval_batch_size(cfg) if name == "eval_batch_size" else cfg.batch_size
     if batch % process_count:
-        name = "batch_size" if batch == cfg.batch_size else "eval_batch_size"
         raise ValueError(
             f"DataConfig.{name}={batch} (global) must be divisible by the number of "
             f"processes ({process_count}); each process loads {name} / process_count rows."
