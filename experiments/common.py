@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.launch.timeout_min = 60
     c.launch.tasks = 1
     c.launch.nodes = 1
+    c.launch.gpus_per_node = 0  # Slurm GPUs of each node (0: none requested)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -35,7 +35,19 @@ def _parser() -> argparse.ArgumentParser:
         help="local: most runs trained together in one process (default: measured; 1: off)",
     )
     run.add_argument("--refresh", type=float, default=2.0, help="local: table refresh seconds")
+    run.add_argument(
+        "--only",
+        action="append",
+        metavar="KEY=V1[,V2]",
+        help="run only the part of the sweep whose overrides match (repeatable), e.g. train.seed=0,1",
+    )
     run.add_argument("--partition", help="slurm: partition")
+    run.add_argument(
+        "--slurm",
+        action="append",
+        metavar="NAME=VALUE",
+        help="slurm: any sbatch/submitit setting, repeatable (gres=gpu:1, account=…, qos=…)",
+    )
     run.add_argument("--no-wait", action="store_true", help="slurm: submit and exit")
     run.add_argument("--poll", type=float, default=10.0, help="slurm: seconds between checks")
 
@@ -123,6 +135,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{added} dense runs pruned one-shot -> {path}")
         return 0
     expanded = sweep.expand(args.experiment)
+    if getattr(args, "only", None):
+        expanded = sweep.select(expanded, args.only)
     jobs, threads, source = local.default_jobs_threads()
     if args.jobs or args.threads:
         jobs = args.jobs or max(1, len(local.available_cpus()) // args.threads)
@@ -141,11 +155,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.max_retries < 0:
         raise sweep.SweepError(f"--max-retries must be ≥ 0, got {args.max_retries}")
-    if args.records:
-        from launch import records
-
-        for run_id in records.materialise(expanded, args.root, args.records):
-            print(f"{run_id}: done, from its record in {args.records}", flush=True)
     if args.backend == "slurm":
         from launch.backends import slurm
 
@@ -154,13 +163,23 @@ def _dispatch(args: argparse.Namespace) -> int:
             partition=args.partition,
             wait=not args.no_wait,
             poll_s=args.poll,
+            slurm=slurm.parse_slurm_settings(args.slurm),
         )
-        failed = slurm.run_slurm(expanded, args.root, options)
     else:
-        print(f"local backend: {jobs} jobs × {threads} threads ({source})", flush=True)
+        if args.slurm:
+            raise sweep.SweepError("--slurm needs --backend slurm")
         options = local.LocalOptions(
             jobs, threads, args.max_retries, args.refresh, max_stack=args.stack
         )
+    if args.records:  # after every check: this writes into the root
+        from launch import records
+
+        for run_id in records.materialise(expanded, args.root, args.records):
+            print(f"{run_id}: done, from its record in {args.records}", flush=True)
+    if args.backend == "slurm":
+        failed = slurm.run_slurm(expanded, args.root, options)
+    else:
+        print(f"local backend: {jobs} jobs × {threads} threads ({source})", flush=True)
         failed = local.run_local(expanded, args.root, options)
     return 1 if failed else 0
 

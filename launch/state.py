@@ -21,13 +21,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sparsescale import run_files
+from sparsescale import preemption, run_files
 from sparsescale.provenance import code_version
 
 LAUNCH_FILE = run_files.LAUNCH
 
 DONE, RUNNING, QUEUED, FAILED, PENDING = "done", "running", "queued", "failed", "pending"
 INTERRUPTED = "interrupted"
+PREEMPTED = "preempted"  # stopped by a signal after a checkpoint: resumes, not a failed try
 
 
 def now_iso() -> str:
@@ -118,7 +119,9 @@ def finish_attempt(
     summary = workdir / run_files.SUMMARY
     if stderr is not None and summary.exists() and summary.stat().st_mtime >= since:
         exit_code = 0
-    if exit_code != 0 or not summary.exists():
+    if exit_code == preemption.PREEMPTED_EXIT and not finished_since(workdir, since):
+        outcome, error = PREEMPTED, preempted_reason(stderr or workdir / "stderr.log")
+    elif exit_code != 0 or not summary.exists():
         outcome = FAILED
         failed = run_files.read_json(workdir / run_files.FAILED)
         fresh = (workdir / run_files.FAILED).exists() and (
@@ -136,6 +139,41 @@ def finish_attempt(
     return attempt
 
 
+def requeue_attempt(workdir: Path, n: int, exit_code: int, reason: str, **fields: Any) -> int:
+    """Close attempt `n` as preempted and open the next one in one edit (so no reader sees the
+    run without an attempt in between); returns the new attempt's number."""
+    with edit_launch_state(workdir) as state:
+        attempts = state["attempts"]
+        old = attempts[n - 1]
+        old.update(ended=now_iso(), exit_code=exit_code, outcome=PREEMPTED, error=reason)
+        attempts.append(
+            {"n": len(attempts) + 1, "backend": old["backend"], "submitted": now_iso()}
+            | {"started": None, "ended": None, "code_version": code_version()}
+            | fields
+        )
+        return len(attempts)
+
+
+def drop_attempt(workdir: Path, n: int) -> None:
+    """Remove attempt `n` (its submission failed, nothing ran); a run left with no attempts
+    keeps no launch record at all."""
+    workdir = Path(workdir)
+    with edit_launch_state(workdir) as state:
+        state["attempts"] = [a for a in state["attempts"] if a.get("n") != n]
+        empty = not state["attempts"]
+    if empty:
+        for name in (LAUNCH_FILE, f".{LAUNCH_FILE}.lock"):
+            (workdir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            workdir.rmdir()  # only if nothing else is in it
+
+
+def attempt_open(workdir: Path, n: int) -> bool:
+    """Whether attempt `n` exists and has not ended."""
+    attempts = read_launch_state(workdir)[0]["attempts"]
+    return len(attempts) >= n and attempts[n - 1].get("ended") is None
+
+
 def finished_since(workdir: Path, since: float) -> bool:
     """Whether the run wrote summary.json at or after `since` (time.time())."""
     summary = Path(workdir) / run_files.SUMMARY
@@ -151,6 +189,11 @@ def close_interrupted(workdir: Path, n: int, exit_code: int | None, reason: str)
         state["attempts"][n - 1].update(
             ended=now_iso(), exit_code=exit_code, outcome=INTERRUPTED, error=reason
         )
+
+
+def preempted_reason(stderr: Path) -> str:
+    """'preempted: stopped by SIGUSR2 after step N; checkpoint saved', from the trainer's log."""
+    return "preempted: " + error_line(stderr).split("Preempted: ", 1)[-1]
 
 
 def error_line(path: Path) -> str:

@@ -102,6 +102,7 @@ class Resources:
     timeout_min: int = 60
     tasks: int = 1
     nodes: int = 1
+    gpus_per_node: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +301,25 @@ def expand(spec: str) -> Sweep:
         runs.append(Run(run_id, dict(overrides), steps, tokens_per_step, _resources(config, where)))
     name = str(base.experiment or file.stem)
     return Sweep(name, str(file), arg, schedule_axes, tuple(runs), tuple(configs))
+
+
+def select(sweep: Sweep, only: Sequence[str]) -> Sweep:
+    """The runs of `sweep` whose overrides match every `KEY=V1[,V2…]` of `only` (a part of the
+    sweep, e.g. `train.seed=0,1`; values as they would be written on the command line)."""
+    keys = sorted({k for r in sweep.runs for k in r.overrides})
+    pairs = tuple(zip(sweep.runs, sweep.configs, strict=True))
+    for item in only:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise SweepError(f"--only {item!r}: expected KEY=V1[,V2…], e.g. --only train.seed=0,1")
+        if key not in keys:
+            raise SweepError(f"--only {item!r}: no run overrides {key}; the sweep varies {keys}")
+        wanted = set(values.split(","))
+        pairs = tuple((r, c) for r, c in pairs if _flag_value(r.overrides.get(key)) in wanted)
+    if not pairs:
+        raise SweepError(f"--only {' '.join(only)}: no run of the sweep matches")
+    runs, configs = zip(*pairs, strict=True)
+    return dataclasses.replace(sweep, runs=runs, configs=configs)
 
 
 def _jsonable(value: Any) -> Any:

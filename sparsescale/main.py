@@ -75,7 +75,7 @@ def main(argv):
 
     if _MULTIHOST.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from sparsescale import config, train
+    from sparsescale import config, preemption, train
 
     train.use_compilation_cache()
     log = logging.getLogger("sparsescale")
@@ -88,6 +88,9 @@ def main(argv):
     except train.NonFiniteLoss as e:
         log.error("Run failed: %s", e)
         sys.exit(1)
+    except preemption.Preempted as e:
+        log.warning("Preempted: %s (exit %d: resume me).", e, preemption.PREEMPTED_EXIT)
+        sys.exit(preemption.PREEMPTED_EXIT)
     workdir = _WORKDIR.value
     log.info(
         "Done: eval loss %.4f nats/byte (%.3f bits/byte).\n  metrics: %s/metrics.jsonl\n"

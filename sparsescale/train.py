@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sparsescale import accounting, block_phase, stack_rules, stacking
+from sparsescale import accounting, block_phase, preemption, stack_rules, stacking
 from sparsescale import checkpoint as ckpt
 from sparsescale import config as config_lib
 from sparsescale import data as data_lib
@@ -313,58 +314,70 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
     optim = base.train
     clock, wall = _Clock(start, wall_before), wall_before
     exit_after = int(os.environ.get(EXIT_AFTER_STEP, "0") or 0)
+    signal_after = int(os.environ.get(SIGNAL_AFTER_STEP, "0") or 0)
     try:
-        previous = None
-        for seg in segments:
-            trainer, variants, state = _enter(seg, previous, trainer, state, cfgs, base, stacked)
-            previous = seg
-            for step in range(seg.start, seg.stop):
-                fresh = {k: next(it) for k, it in streams.items()}  # one draw per data stream
-                batch = trainer.batch([fresh[keys[k]] for k in seg.trained])
-                state, metrics = trainer.step(state, batch, variants)
-                done = step + 1
-                if step == seg.start:  # keep compilation out of the throughput numbers
-                    jax.block_until_ready(metrics)
-                    clock.restart(done)
-                log_now = done % optim.log_every == 0 or done == optim.steps
-                ckpt_now = done % optim.ckpt_every == 0 or done == optim.steps
-                eval_now = optim.eval_every > 0 and done % optim.eval_every == 0
-                if not (log_now or ckpt_now or eval_now):
-                    continue
-                values = {
-                    k: np.atleast_1d(np.asarray(v, np.float64))
-                    for k, v in jax.device_get(metrics).items()
-                }
-                step_time = clock.lap(done)
-                for k, m in enumerate(members):
-                    loss = float(values["train/loss"][seg.slots[k]])
-                    if not m.failed and not math.isfinite(loss):
-                        _fail(m, f"non-finite training loss {loss} at step {done}", is_main)
-                live = [k for k, m in enumerate(members) if not m.failed]
-                if not live:
-                    break
-                eval_losses = None
-                if eval_now or done == optim.steps:
-                    per_variant = trainer.evaluate(state, [evals[keys[k]] for k in seg.trained])
-                    eval_losses = [per_variant[i] for i in seg.slots]
-                for k in live:
-                    own = {n: float(v[seg.slots[k]]) for n, v in values.items()}
-                    eval_k = None if eval_losses is None else eval_losses[k]
-                    members[k].log(done, own, step_time, eval_k, is_main)
-                if is_main:
-                    _log_progress(
-                        done, optim.steps, members, live, eval_losses, step_time,
-                        members[0].tokens_per_step * len({seg.slots[k] for k in live}),
-                    )  # fmt: skip
-                if ckpt_now:
-                    wall = clock.wall()  # the summary's wall time: at the last checkpoint
+        with preemption.StopRequests() as stop:
+            previous = None
+            for seg in segments:
+                trainer, variants, state = _enter(
+                    seg, previous, trainer, state, cfgs, base, stacked
+                )
+                previous = seg
+                for step in range(seg.start, seg.stop):
+                    fresh = {k: next(it) for k, it in streams.items()}  # one draw per data stream
+                    batch = trainer.batch([fresh[keys[k]] for k in seg.trained])
+                    state, metrics = trainer.step(state, batch, variants)
+                    done = step + 1
+                    if step == seg.start:  # keep compilation out of the throughput numbers
+                        jax.block_until_ready(metrics)
+                        clock.restart(done)
+                    stop_by = stop.requested()
+                    if done == signal_after:
+                        os.kill(os.getpid(), signal.SIGUSR1)  # noted now, acted on next step
+                    log_now = done % optim.log_every == 0 or done == optim.steps
+                    ckpt_now = done % optim.ckpt_every == 0 or done == optim.steps or bool(stop_by)
+                    eval_now = optim.eval_every > 0 and done % optim.eval_every == 0
+                    if not (log_now or ckpt_now or eval_now):
+                        continue
+                    values = {
+                        k: np.atleast_1d(np.asarray(v, np.float64))
+                        for k, v in jax.device_get(metrics).items()
+                    }
+                    step_time = clock.lap(done)
+                    for k, m in enumerate(members):
+                        loss = float(values["train/loss"][seg.slots[k]])
+                        if not m.failed and not math.isfinite(loss):
+                            _fail(m, f"non-finite training loss {loss} at step {done}", is_main)
+                    live = [k for k, m in enumerate(members) if not m.failed]
+                    if not live:
+                        break
+                    eval_losses = None
+                    if eval_now or done == optim.steps:
+                        per_variant = trainer.evaluate(state, [evals[keys[k]] for k in seg.trained])
+                        eval_losses = [per_variant[i] for i in seg.slots]
                     for k in live:
-                        state_k = trainer.variant_state(state, seg.slots[k])
-                        members[k].save(done, state_k, streams[keys[k]], wall)
-                if done == exit_after:
-                    _exit_for_test(members, done)
-            if not any(not m.failed for m in members):
-                break
+                        own = {n: float(v[seg.slots[k]]) for n, v in values.items()}
+                        eval_k = None if eval_losses is None else eval_losses[k]
+                        members[k].log(done, own, step_time, eval_k, is_main)
+                    if is_main:
+                        _log_progress(
+                            done, optim.steps, members, live, eval_losses, step_time,
+                            members[0].tokens_per_step * len({seg.slots[k] for k in live}),
+                        )  # fmt: skip
+                    if ckpt_now:
+                        wall = clock.wall()  # the summary's wall time: at the last checkpoint
+                        for k in live:
+                            state_k = trainer.variant_state(state, seg.slots[k])
+                            members[k].save(done, state_k, streams[keys[k]], wall)
+                    if done == exit_after:
+                        _exit_for_test(members, done)
+                    if stop_by and done < optim.steps:
+                        for m in members:
+                            m.checkpointer.manager.wait_until_finished()
+                        log.warning("%s: checkpoint saved at step %d; stopping.", stop_by, done)
+                        raise preemption.Preempted(stop_by, done)
+                if not any(not m.failed for m in members):
+                    break
     finally:
         for m in members:
             m.close()
@@ -432,6 +445,9 @@ def _enter(seg, previous, trainer, state, cfgs, base, stacked):
 # Test hook: the trainer process dies (exit status 137, as under SIGKILL) right after step N,
 # once that step's checkpoint saves have finished, so resume tests need no timing windows.
 EXIT_AFTER_STEP = "SPARSESCALE_EXIT_AFTER_STEP"
+# Test hook: the trainer sends itself SIGUSR1 (as Slurm would) right after step N, so it stops
+# at step N + 1 (preemption.py) without timing windows.
+SIGNAL_AFTER_STEP = "SPARSESCALE_SIGNAL_AFTER_STEP"
 
 
 def _exit_for_test(members, done: int) -> None:

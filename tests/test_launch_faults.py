@@ -245,3 +245,33 @@ def test_collect_refuses_a_damaged_summary_instead_of_dropping_the_run(tmp_path)
     with pytest.raises(SweepError, match=r"b/summary.json: not valid JSON .* damaged"):
         collect.collect(root)
     assert (root / "results.csv").read_bytes() == before  # the last good table is kept
+
+
+@pytest.mark.slow
+def test_preempted_trainer_resumes_without_spending_a_try(
+    tmp_path, experiment_file, launcher_env, attempts
+):
+    """A trainer stopped by a signal (checkpoint saved, PREEMPTED_EXIT) is resumed by the local
+    launcher at once, with --max-retries 0: preemption is not a failure. The resumed run's
+    losses equal an uninterrupted run's."""
+    from sparsescale import train
+
+    runs = [{"train.seed": 0}]
+    exp = experiment_file(tmp_path, runs, steps=12, log_every=1, ckpt_every=6)
+    run_id = sweep.make_run_id(runs[0])
+    finals = {}
+    for name, env in (("plain", {}), ("signalled", {train.SIGNAL_AFTER_STEP: "3"})):
+        root = tmp_path / name
+        args = ["run", f"{exp}:smoke", "--root", str(root), "--jobs", "1", "--threads", "1"]
+        done = subprocess.run(
+            [sys.executable, "-m", "launch", *args, "--max-retries", "0"],
+            env=launcher_env() | env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        finals[name] = run_files.read_json(root / run_id / run_files.SUMMARY)
+        outcomes = [a["outcome"] for a in attempts(root, run_id)]
+        assert outcomes == (["done"] if name == "plain" else [state.PREEMPTED, "done"])
+    assert "stopped by SIGUSR1 after step 4" in attempts(root, run_id)[0]["error"]
+    assert "will resume" in done.stdout
+    for key in ("train_loss", "eval_loss"):
+        assert finals["signalled"][key] == finals["plain"][key]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -73,3 +74,96 @@ def test_slurm_array_and_two_task_jax_distributed_job(
         timeout=120,
     )
     assert "submitted" not in again.stdout and len(attempts(root, nan)) == 1
+
+
+def _launch(args, env, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "launch", *args], env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def test_signalled_or_cancelled_slurm_job_resumes_and_matches_an_uninterrupted_run(
+    tmp_path, slurm_env, attempts, experiment_file, wait_for
+):
+    """SIGUSR2 to a running job (what Slurm sends `signal_delay_s` before the time limit, and a
+    preemption notice to submitit): the trainer checkpoints, the attempt closes as preempted, and
+    the same Slurm job is requeued as the next attempt and resumes. `scancel` (SIGTERM, then
+    SIGKILL after KillWait) with --no-wait, then the same command again: the trainer checkpoints
+    on SIGTERM and the relaunch resumes. With --max-retries 0 neither spends a try, and both
+    runs' losses equal an uninterrupted run's."""
+    exp = experiment_file(tmp_path, [{"train.seed": 0}], steps=3000, log_every=50, ckpt_every=1000)
+    run_id, finals, jobs = "seed-0", {}, {}
+
+    def launch(root, *extra):
+        args = ["run", f"{exp}:smoke", "--root", str(root), "--backend", "slurm", "--poll", "1"]
+        return subprocess.Popen(
+            [sys.executable, "-m", "launch", *args, "--max-retries", "0", *extra], env=slurm_env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def job_at_step_100(root):
+        metrics = root / run_id / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, 300,
+                 "the run to log step 100")  # fmt: skip
+        return attempts(root, run_id)[-1]["slurm_job_id"]
+
+    def requeued_job_started(root, job):
+        # Slurm holds a requeued job ~2 min (pending, reason BeginTime); once it is held and its
+        # old allocation is gone (the node idle, not completing), make it eligible now.
+        def out(*cmd):
+            return subprocess.run(cmd, env=slurm_env, capture_output=True, text=True).stdout.split()
+
+        if out("squeue", "-h", "-j", job, "-o", "%T %r") == ["PENDING", "BeginTime"] and out(
+            "sinfo", "-h", "-o", "%T"
+        ) == ["idle"]:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
+                           env=slurm_env, capture_output=True)  # fmt: skip
+        tries = attempts(root, run_id)
+        return len(tries) == 2 and tries[1]["started"] is not None
+
+    for name in ("plain", "signalled", "cancelled"):
+        root = tmp_path / name
+        launcher = launch(root, *(["--no-wait"] if name == "cancelled" else []))
+        try:
+            if name == "signalled":
+                jobs[name] = job_at_step_100(root)
+                subprocess.run(["scancel", "--signal=USR2", jobs[name]], env=slurm_env, check=True)
+                wait_for(lambda r=root: requeued_job_started(r, jobs["signalled"]), 300,
+                         "the requeued job to start")  # fmt: skip
+            if name == "cancelled":
+                jobs[name] = job_at_step_100(root)
+                subprocess.run(["scancel", jobs[name]], env=slurm_env, check=True)
+                wait_for(lambda r=root: attempts(r, run_id)[-1]["ended"], 120, "the job to end")
+                launcher.communicate(timeout=60)
+                launcher = launch(root)  # the same command again
+            out, _ = launcher.communicate(timeout=600)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+        assert launcher.returncode == 0, out
+        finals[name] = run_files.read_json(root / run_id / "summary.json")
+
+    signalled, cancelled = (attempts(tmp_path / n, run_id) for n in ("signalled", "cancelled"))
+    assert [a["outcome"] for a in signalled] == ["preempted", "done"], signalled
+    assert signalled[0]["slurm_job_id"] == signalled[1]["slurm_job_id"] == jobs["signalled"]
+    # Slurm signals the trainer itself, and the job body forwards SIGUSR1: either comes first
+    stopped = re.match(r"preempted: stopped by SIGUSR[12] after step (\d+);", signalled[0]["error"])
+    assert stopped and 100 <= int(stopped[1]) < 3000, signalled[0]["error"]
+    assert [a["outcome"] for a in cancelled] == ["preempted", "done"], cancelled
+    assert "stopped by SIGTERM" in cancelled[0]["error"]
+    assert cancelled[1]["slurm_job_id"] != jobs["cancelled"]  # a new job, submitted by the relaunch
+    for name in ("signalled", "cancelled"):
+        for key in ("train_loss", "eval_loss"):
+            assert finals[name][key] == pytest.approx(finals["plain"][key], rel=1e-5), name
+
+
+def test_bad_partition_is_one_line_and_records_nothing(tmp_path, slurm_env, experiment_file):
+    exp = experiment_file(tmp_path, [{"train.seed": 0}])
+    root = tmp_path / "root"
+    args = ["run", f"{exp}:smoke", "--root", str(root), "--backend", "slurm"]
+    done = _launch([*args, "--partition", "nosuch"], slurm_env, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: Slurm submission of 1 runs failed") and "partition" in line
+    assert not list(root.glob("*/launch.json"))

@@ -208,6 +208,55 @@ def test_run_status_from_files(tmp_path):
     assert status_of([gone | {"started": None}], slurm_alive={"12_3"}).status == state.QUEUED
 
 
+def test_select_runs_part_of_a_sweep_and_the_root_keeps_the_rest(tmp_path):
+    full = sweep.expand(
+        write_experiment(
+            tmp_path, 'product({"train.seed": [0, 1, 2], "sparsity.target": [0.5, 0.875]})'
+        )
+    )
+    part = sweep.select(full, ["train.seed=0,2", "sparsity.target=0.875"])
+    assert [r.overrides for r in part.runs] == [
+        {"train.seed": 0, "sparsity.target": 0.875},
+        {"train.seed": 2, "sparsity.target": 0.875},
+    ]
+    assert [c.train.seed for c in part.configs] == [0, 2]  # configs follow their runs
+    root = tmp_path / "root"
+    sweep.save_sweep(root, full)
+    record = sweep.save_sweep(root, part)  # a partial launch keeps the sweep's other runs
+    assert sorted(r["run_id"] for r in record["runs"]) == sorted(r.run_id for r in full.runs)
+    for bad, cause in (
+        (["seed=0"], "no run overrides seed; the sweep varies"),
+        (["train.seed"], "expected KEY=V1"),
+        (["train.seed=7"], "no run of the sweep matches"),
+    ):
+        with pytest.raises(SweepError, match=cause):
+            sweep.select(full, bad)
+
+
+def test_preempted_attempt_is_resumed_not_failed_and_requeue_is_one_edit(tmp_path):
+    from sparsescale import preemption
+
+    n = state.begin_attempt(tmp_path, "slurm", slurm_job_id="7")
+    (tmp_path / "stderr.log").write_text(
+        "W1203 main.py:92] Preempted: stopped by SIGUSR2 after step 40; checkpoint saved.\n"
+    )
+    closed = state.finish_attempt(tmp_path, n, preemption.PREEMPTED_EXIT, since=0.0)
+    assert closed["outcome"] == "preempted"
+    assert closed["error"] == "preempted: stopped by SIGUSR2 after step 40; checkpoint saved."
+    s = state.run_status(tmp_path)
+    assert (s.status, s.failures) == ("pending", 0)  # resumable, no try spent
+    n = state.begin_attempt(tmp_path, "slurm", slurm_job_id="8")
+    m = state.requeue_attempt(tmp_path, n, 75, "preempted: x", slurm_job_id="8")
+    tries = state.read_launch_state(tmp_path)[0]["attempts"]
+    assert m == 3 and [a.get("outcome") for a in tries] == ["preempted", "preempted", None]
+    assert tries[2]["slurm_job_id"] == "8" and state.attempt_open(tmp_path, m)
+    state.drop_attempt(tmp_path, m)
+    assert len(state.read_launch_state(tmp_path)[0]["attempts"]) == 2
+    fresh = tmp_path / "fresh"
+    state.drop_attempt(fresh, state.begin_attempt(fresh, "slurm"))
+    assert not fresh.exists()  # a run whose only submission failed keeps no record
+
+
 def test_finish_attempt_reads_trainer_failure(tmp_path):
     n = state.begin_attempt(tmp_path, "local")
     (tmp_path / "failed.json").write_text('{"error": "non-finite loss nan at step 3", "step": 0}')

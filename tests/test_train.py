@@ -212,3 +212,34 @@ def test_failed_json_says_when_there_is_no_checkpoint(tmp_path, smoke_config):
 def test_the_eta_does_not_wrap_after_a_day():
     assert train.hours_minutes_seconds(59.6) == "0:01:00"
     assert train.hours_minutes_seconds(3 * 86400 + 3661) == "73:01:01"
+
+
+@pytest.mark.slow
+def test_signal_checkpoints_and_resume_is_bit_identical(
+    tmp_path, final_state, main_cmd, metric_lines, run_env
+):
+    """SIGUSR1 (what Slurm sends before a time limit) after step 10: the trainer saves a
+    checkpoint at step 11, off its every-8 schedule, and exits PREEMPTED_EXIT; the resumed run
+    equals an uninterrupted one bit for bit."""
+    from sparsescale import preemption
+
+    args = ["--config.train.steps=24", "--config.train.ckpt_every=8", "--config.train.log_every=1"]
+    ref = tmp_path / "ref"
+    subprocess.run(main_cmd(ref, *args), env=run_env(), check=True, capture_output=True)
+
+    stopped = tmp_path / "stopped"
+    env = {**run_env(), train.SIGNAL_AFTER_STEP: "10"}
+    done = subprocess.run(main_cmd(stopped, *args), env=env, capture_output=True, text=True)
+    assert done.returncode == preemption.PREEMPTED_EXIT, done.stderr[-2000:]
+    assert "stopped by SIGUSR1 after step 11" in done.stderr
+    saved = sorted(int(p.parent.name) for p in stopped.glob("checkpoints/*/commit_success.txt"))
+    assert saved == [8, 11] and not (stopped / "summary.json").exists()
+    subprocess.run(main_cmd(stopped, *args), env=run_env(), check=True, capture_output=True)
+
+    assert [d["train/loss"] for d in metric_lines(stopped)] == [
+        d["train/loss"] for d in metric_lines(ref)
+    ]
+    (step_ref, state_ref), (step_got, state_got) = final_state(ref), final_state(stopped)
+    assert step_ref == step_got == 24
+    for a, b in zip(jax.tree.leaves(state_ref), jax.tree.leaves(state_got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -205,6 +205,10 @@ def _finish(
         if attempt["outcome"] == state.DONE:
             printer.event(f"{run.run_id}: done")
             continue
+        if attempt["outcome"] == state.PREEMPTED:  # resumes from its checkpoint, no try spent
+            printer.event(f"{run.run_id}: {attempt['error']}, will resume")
+            retry.append(run)
+            continue
         failures[run.run_id] += 1
         again = failures[run.run_id] <= options.max_retries
         printer.event(

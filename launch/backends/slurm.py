@@ -1,6 +1,6 @@
 """Slurm backend through submitit: one job array per distinct resource request.
 
-Each array task runs `run_job`, which starts the trainer as a subprocess (so a crash or NaN exit is
+Each array task runs `SlurmJob`, which starts the trainer as a subprocess (so a crash or NaN exit is
 recorded in `launch.json` before the Slurm job ends). Runs with `config.launch.tasks > 1` become
 multi-task jobs: every task starts the trainer with `--multihost`, which calls
 `jax.distributed.initialize()` and picks up the Slurm environment. submitit's own logs go to
@@ -9,8 +9,12 @@ multi-task jobs: every task starts the trainer with `--multihost`, which calls
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,40 +27,140 @@ import submitit
 from launch import signals, state, status
 from launch.backends.local import _needs_work, child_env, open_logs
 from launch.sweep import Resources, Run, Sweep, SweepError, save_sweep, trainer_command
-from sparsescale import run_files
+from sparsescale import preemption, run_files
+
+POLL_S = 1.0
+STOP_GRACE_S = 80.0  # a trainer's time to checkpoint and exit (submitit signals 90 s early)
+
+
+# sbatch settings that come from each run's `config.launch` (Resources), not from `--slurm`.
+FROM_CONFIG = {
+    "time": "timeout_min",
+    "mem": "mem_gb",
+    "cpus_per_task": "cpus_per_task",
+    "nodes": "nodes",
+    "ntasks_per_node": "tasks",
+    "gpus_per_node": "gpus_per_node",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class SlurmOptions:
+    """`slurm`: more Slurm settings as (name, value), e.g. (("gres", "gpu:1"), ("qos", "high")):
+    submitit's Slurm parameter names, and any other sbatch long option by its name."""
+
     max_retries: int = 2
     partition: str | None = None
     array_parallelism: int = 64
     wait: bool = True
     poll_s: float = 10.0
-    extra: tuple[tuple[str, Any], ...] = ()  # more submitit parameters, e.g. (("slurm_qos", "x"),)
+    slurm: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        for name, _ in self.slurm:
+            if name in FROM_CONFIG:
+                raise SweepError(
+                    f"--slurm {name}=…: set config.launch.{FROM_CONFIG[name]} per run instead"
+                )
+            if not name or not name.replace("_", "").replace("-", "").isalnum():
+                raise SweepError(f"--slurm {name!r}: not a Slurm option name")
+
+    def submitit_parameters(self) -> dict[str, Any]:
+        """`slurm` as submitit parameters: its own names prefixed, the rest passed to sbatch."""
+        known = submitit.SlurmExecutor._valid_parameters()
+        params: dict[str, Any] = {}
+        additional: dict[str, str] = {}
+        for name, value in self.slurm:
+            key = name.replace("-", "_")
+            if key in known:
+                params[f"slurm_{key}"] = int(value) if value.isdigit() else value
+            else:
+                additional[name] = value
+        if self.partition:
+            params["slurm_partition"] = self.partition
+        if additional:
+            params["slurm_additional_parameters"] = additional
+        return params
 
 
-def run_job(root: str, run_id: str, attempt: int, command: list[str], threads: int) -> int:
-    """Body of one Slurm job (every task runs it): train, record the outcome, raise on failure."""
-    env = submitit.JobEnvironment()
-    rank, workdir = env.global_rank, Path(root) / run_id
-    suffix = "" if rank == 0 else f".task{rank}"
-    stdout, stderr = open_logs(workdir, attempt, suffix)
-    started = time.time()
-    with stdout, stderr:
-        process = subprocess.Popen(
-            command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=child_env(threads)
-        )
+def parse_slurm_settings(items: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """`--slurm NAME=VALUE` items as (name, value) pairs."""
+    pairs = []
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise SweepError(f"--slurm {item!r}: expected NAME=VALUE, e.g. --slurm gres=gpu:1")
+        pairs.append((name.strip(), value.strip()))
+    return tuple(pairs)
+
+
+class SlurmJob:
+    """Body of one Slurm job (every task runs it): train, record the outcome, raise on failure.
+
+    Checkpointable in submitit's sense: on submitit's signal (SIGUSR2, `signal_delay_s` before
+    the time limit; `scancel --signal=USR2` for a preemption) it calls `checkpoint` on task 0,
+    which stops the trainer at its next step (the trainer saves a checkpoint and exits
+    PREEMPTED_EXIT; Slurm signals it too), closes the attempt as preempted, opens the next one
+    and requeues the same job, which resumes from that checkpoint. No try is spent.
+    """
+
+    def __init__(self):
+        self._process: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict:  # the requeued job starts its own trainer
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._process = None
+
+    def __call__(self, root: str, run_id: str, attempt: int, command: list[str], threads: int):
+        env = submitit.JobEnvironment()
+        rank, workdir = env.global_rank, Path(root) / run_id
+        if not state.attempt_open(workdir, attempt):
+            # Slurm requeued this job by itself after the attempt was closed (PreemptMode=REQUEUE):
+            # the launcher resubmits the run, so this copy must not train too.
+            print(f"attempt {attempt} of {run_id} is closed; not training", file=sys.stderr)
+            return None
+        suffix = "" if rank == 0 else f".task{rank}"
+        stdout, stderr = open_logs(workdir, attempt, suffix)
+        started = time.time()
+        with stdout, stderr:
+            self._process = subprocess.Popen(
+                command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+                env=child_env(threads),
+            )  # fmt: skip
+            if rank == 0:
+                state.mark_started(workdir, attempt, self._process.pid, slurm_job_id=env.job_id)
+            # Polled, not wait(): submitit's signal handler runs `checkpoint` in this thread,
+            # and a blocking wait() would hold the lock that its own wait needs.
+            while (code := self._process.poll()) is None:
+                time.sleep(POLL_S)
         if rank == 0:
-            state.mark_started(workdir, attempt, process.pid, slurm_job_id=env.job_id)
-        code = process.wait()
-    if rank == 0:
-        outcome = state.finish_attempt(workdir, attempt, code, started)
-        if outcome["outcome"] != state.DONE:
-            raise RuntimeError(f"run {run_id}: {outcome['error']}")
-    elif code != 0:
-        raise RuntimeError(f"run {run_id} task {rank}: trainer exited {code}")
-    return code
+            outcome = state.finish_attempt(workdir, attempt, code, started)
+            if outcome["outcome"] not in (state.DONE, state.PREEMPTED):
+                raise RuntimeError(f"run {run_id}: {outcome['error']}")
+        elif code not in (0, preemption.PREEMPTED_EXIT):
+            raise RuntimeError(f"run {run_id} task {rank}: trainer exited {code}")
+        return code
+
+    def checkpoint(self, root: str, run_id: str, attempt: int, command: list[str], threads: int):
+        """Stop the trainer at a checkpoint; the DelayedSubmission that resumes it, or None
+        (no requeue) if the trainer finished or did not stop within STOP_GRACE_S."""
+        process, workdir = self._process, Path(root) / run_id
+        if process is None or process.poll() is not None:
+            return None
+        process.send_signal(signal.SIGUSR1)  # Slurm signalled it too, unless `scancel --batch`
+        deadline = time.monotonic() + STOP_GRACE_S
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        if process.returncode != preemption.PREEMPTED_EXIT:
+            return None  # done, failed or stuck: __call__ / the launcher records what happened
+        reason = state.preempted_reason(workdir / "stderr.log")
+        env = submitit.JobEnvironment()
+        n = state.requeue_attempt(
+            workdir, attempt, process.returncode, reason, slurm_job_id=env.job_id
+        )
+        return submitit.helpers.DelayedSubmission(self, root, run_id, n, command, threads)
 
 
 def _executor(root: Path, resources: Resources, options: SlurmOptions, name: str):
@@ -70,9 +174,9 @@ def _executor(root: Path, resources: Resources, options: SlurmOptions, name: str
         tasks_per_node=resources.tasks // resources.nodes,
         slurm_array_parallelism=options.array_parallelism,
     )
-    if options.partition:
-        params["slurm_partition"] = options.partition
-    params.update(dict(options.extra))
+    if resources.gpus_per_node:
+        params["gpus_per_node"] = resources.gpus_per_node
+    params.update(options.submitit_parameters())
     executor.update_parameters(**params)
     return executor
 
@@ -93,23 +197,32 @@ def submit(sweep: Sweep, root: Path, runs: list[Run], options: SlurmOptions) -> 
             executor = _executor(root, resources, options, f"{sweep.experiment}")
             n = len(group)
             try:
-                jobs = executor.map_array(
-                    run_job, [str(root)] * n, [r.run_id for r in group], attempts, commands,
-                    [resources.cpus_per_task] * n,
-                )  # fmt: skip
+                with contextlib.redirect_stderr(io.StringIO()):  # sbatch's echo: in `e` below
+                    jobs = executor.map_array(
+                        SlurmJob(), [str(root)] * n, [r.run_id for r in group], attempts,
+                        commands, [resources.cpus_per_task] * n,
+                    )  # fmt: skip
             except Exception as e:
                 for r, a in zip(group, attempts, strict=True):
-                    state.update_attempt(root / r.run_id, a, ended=state.now_iso(),
-                                         outcome=state.INTERRUPTED, error=f"submission failed: {e}")  # fmt: skip
-                raise SweepError(f"Slurm submission of {n} runs failed: {e}") from e
+                    state.drop_attempt(root / r.run_id, a)  # nothing ran: leave no record
+                raise SweepError(f"Slurm submission of {n} runs failed: {_cause(e)}") from e
             for r, a, job in zip(group, attempts, jobs, strict=True):
                 state.update_attempt(root / r.run_id, a, slurm_job_id=str(job.job_id))
                 job_ids.append(str(job.job_id))
     return job_ids
 
 
+def _cause(error: Exception) -> str:
+    """The telling line of a submission error (sbatch's last `error:` line)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or [type(error).__name__])[-1]
+
+
 def run_slurm(sweep: Sweep, root: Path, options: SlurmOptions, out: IO[str] = sys.stdout) -> int:
     """Submit unfinished runs; with `wait`, resubmit failures until done. Returns failed runs."""
+    if shutil.which("sbatch") is None:
+        raise SweepError("--backend slurm: sbatch is not on PATH (no Slurm client on this host)")
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     with run_files.file_lock(root / ".launcher.lock", blocking=False) as locked:
