@@ -501,3 +501,41 @@ def plot_local_slopes(table: pd.DataFrame, path=None) -> plt.Figure:
     ax.legend(title="sparsity", fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     return save(fig, path)
+
+
+def plot_regimes(cells: pd.DataFrame, path=None) -> plt.Figure:
+    """Paired ΔL against N by regime (`regimes.regime_pairs` → `gap.gap_cells`): one panel per
+    unstructured sparsity that the one-shot methods reached, sparse training beside each method,
+    and one panel of N:M one-shot pruning against sparse training at the same sparsity."""
+    oneshot = cells[cells["regime"] != "sparse training"]
+    structured = oneshot["regime"].str.contains(":")
+    levels = sorted(oneshot.loc[~structured, "sparsity"].unique())
+    nm_levels = sorted(oneshot.loc[structured, "sparsity"].unique())
+    panels = [(f"S = {s:g}, unstructured", s, False) for s in levels]
+    panels += [(f"S = {s:g}, N:M one-shot", s, True) for s in nm_levels]  # beside unstructured
+    if not panels:
+        raise ValueError("no one-shot cells to draw")
+    names = sorted(cells["regime"].unique())
+    colors = {r: plt.get_cmap("tab10")(i) for i, r in enumerate(names)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.8), squeeze=False)
+    for ax, (title, s, nm) in zip(axes[0], panels, strict=True):
+        sub = cells[np.isclose(cells["sparsity"], s)]
+        keep = (sub["regime"] == "sparse training") | (sub["regime"].str.contains(":") == nm)
+        for regime, pts in sub[keep].groupby("regime"):
+            pts = pts.sort_values(SIZE)
+            err = np.stack([pts["gap"] - pts["lo"], pts["hi"] - pts["gap"]])
+            err = np.where(np.isfinite(err), err, 0).clip(0)
+            style = dict(lw=2.2, ls="-") if regime == "sparse training" else dict(lw=1.2, ls="--")
+            ax.errorbar(pts[SIZE], pts["gap"], yerr=err, marker="o", ms=4, capsize=2,
+                        color=colors[regime], label=regime + (" (unstructured)" if nm and
+                        regime == "sparse training" else ""), **style)  # fmt: skip
+        size_axis(ax)
+        if (sub.loc[keep, "gap"] > 0).all():
+            _value_axis(ax)
+        ax.set(xlabel="non-embedding parameters N", title=title)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel("ΔL = L_pruned − L_dense, same dense run / seed (nats)")
+    fig.suptitle("Cost of sparsity by regime: one-shot after training vs during training "
+                 "(bars: 95% over seeds)", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    return save(fig, path)

@@ -40,11 +40,18 @@ Expected: lr (measured, docs/figures/crossover/lr/): every size's optimum is int
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from experiments import common
 from sparsescale import accounting
 from sparsescale import model as model_lib
 
 STEPS = 850
+# `python -m launch posttrain experiments/crossover.py:<main arm> --root <root>` on the dense runs
+# of `main`, committed: every size's dense model pruned one-shot (magnitude / Wanda / SparseGPT).
+POSTTRAIN_TABLE = (
+    Path(__file__).resolve().parents[1] / "docs/records/crossover/main_posttrain/posttrain.csv"
+)
 TOKENS_PER_PARAM = 21
 SEQ_LEN = 128
 EVAL_SEQUENCES = 256
@@ -235,6 +242,13 @@ def analyze(results, out_dir):
     if len(main):
         reports["main"] = common.report(main, out_dir / "main", "Crossover: the gap against size")
         reports["turning"] = write_turning(main, out_dir / "main" / "turning.md")
+        if POSTTRAIN_TABLE.exists():  # the one-shot regime of the same dense runs (#27)
+            import pandas as pd
+
+            from analysis import regimes
+
+            table = pd.read_csv(POSTTRAIN_TABLE)
+            reports["regimes"] = regimes.write_report(main, table, out_dir / "main")
     return reports
 
 

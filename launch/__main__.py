@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--refresh", type=float, default=2.0, help="local: table refresh seconds")
     run.add_argument(
+        "--gpus-per-job",
+        type=int,
+        help="local: GPUs each job owns (default 1 where GPUs are visible; 0: CPU only)",
+    )
+    run.add_argument(
         "--only",
         action="append",
         metavar="KEY=V1[,V2]",
@@ -138,6 +143,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if getattr(args, "only", None):
         expanded = sweep.select(expanded, args.only)
     jobs, threads, source = local.default_jobs_threads()
+    gpus = local.visible_gpus() if args.command == "run" else ()
+    gpus_per_job = (
+        (1 if gpus else 0) if getattr(args, "gpus_per_job", None) is None else args.gpus_per_job
+    )
+    if gpus_per_job:  # one job per GPU share; the cores split among them
+        jobs = max(1, len(gpus) // gpus_per_job)
+        threads = max(1, len(local.available_cpus()) // jobs)
+        source = f"{len(gpus)} GPUs, {gpus_per_job} per job"
     if args.jobs or args.threads:
         jobs = args.jobs or max(1, len(local.available_cpus()) // args.threads)
         threads = args.threads or max(1, len(local.available_cpus()) // jobs)
@@ -169,8 +182,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.slurm:
             raise sweep.SweepError("--slurm needs --backend slurm")
         options = local.LocalOptions(
-            jobs, threads, args.max_retries, args.refresh, max_stack=args.stack
-        )
+            jobs, threads, args.max_retries, args.refresh, max_stack=args.stack, gpus=gpus,
+            gpus_per_job=gpus_per_job,
+        )  # fmt: skip
     if args.records:  # after every check: this writes into the root
         from launch import records
 

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sparsescale import accounting, block_phase, preemption, stack_rules, stacking
+from sparsescale import accounting, block_phase, energy, preemption, stack_rules, stacking
 from sparsescale import checkpoint as ckpt
 from sparsescale import config as config_lib
 from sparsescale import data as data_lib
@@ -126,9 +126,10 @@ class _Member:
                 if n != "step":
                     self.writer.add_scalar(n, v, done)
 
-    def save(self, done: int, state: dict, stream, wall: float) -> None:
+    def save(self, done: int, state: dict, stream, costs: dict) -> None:
+        """`costs`: wall_time_s, energy_j and energy_source of the job up to this step."""
         if done not in self.checkpointer.manager.all_steps():  # else: saved before a kill
-            meta = {"wall_time_s": wall, "fingerprint": self.fingerprint}
+            meta = {**costs, "fingerprint": self.fingerprint}
             self.checkpointer.save(done, state, stream, meta)
         self.last_good = done
 
@@ -207,8 +208,9 @@ def _check_config(cfg: RunConfig, workdir: Path, allow_change: bool) -> None:
 
 
 def _restore(trainer, base, members, stacked, iterators: list):
-    """(state, start step, wall time so far) from the newest checkpoint step every member has and
-    restores; unrestorable ones are moved to run_files.CORRUPT_CHECKPOINTS with a warning."""
+    """(state, start step, wall time so far, an energy meter that continues the restored joules)
+    from the newest checkpoint step every member has and restores; unrestorable ones are moved to
+    run_files.CORRUPT_CHECKPOINTS with a warning."""
     one = step_lib.build(base) if stacked else trainer
     abstract = ckpt.abstract_with_shardings(jax.eval_shape(one.init_fn), one.state_shardings)
     common = set.intersection(*(set(m.checkpointer.manager.all_steps()) for m in members))
@@ -236,9 +238,11 @@ def _restore(trainer, base, members, stacked, iterators: list):
             continue
         states = [s for s, _ in restored]
         wall = max(float(meta.get("wall_time_s", 0.0)) for _, meta in restored)
+        joules = max(float(meta.get("energy_j", 0.0)) for _, meta in restored)
+        source = restored[0][1].get("energy_source")
         log.info("Resumed from step %d in %s", step, ", ".join(str(m.workdir) for m in members))
-        return trainer.stack_states(states), step, wall
-    return None, 0, 0.0
+        return trainer.stack_states(states), step, wall, energy.meter(joules, source)
+    return None, 0, 0.0, energy.meter()
 
 
 def run_stack(
@@ -299,7 +303,7 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
     """Runs the job's compile plan: one compiled step per segment, members log and save."""
     members, streams, evals = _open_members(cfgs, workdirs, trainer, stacked)
     keys = [_data_key(c) for c in cfgs]
-    state, start, wall_before = _restore(
+    state, start, wall_before, meter = _restore(
         trainer, base, members, stacked, [streams[k] for k in keys]
     )
     prefix = stack_rules.shared_prefix(cfgs) if stacked else (0, [], [])
@@ -312,7 +316,8 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
         m.open_logs(start, is_main)
 
     optim = base.train
-    clock, wall = _Clock(start, wall_before), wall_before
+    clock = _Clock(start, wall_before)
+    costs = {"wall_time_s": wall_before, "energy_j": meter.before, "energy_source": meter.source}
     exit_after = int(os.environ.get(EXIT_AFTER_STEP, "0") or 0)
     signal_after = int(os.environ.get(SIGNAL_AFTER_STEP, "0") or 0)
     try:
@@ -365,10 +370,12 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
                             members[0].tokens_per_step * len({seg.slots[k] for k in live}),
                         )  # fmt: skip
                     if ckpt_now:
-                        wall = clock.wall()  # the summary's wall time: at the last checkpoint
+                        # the summary's wall time and energy: at the last checkpoint
+                        costs = {"wall_time_s": clock.wall(), "energy_j": meter.joules(),
+                                 "energy_source": meter.source}  # fmt: skip
                         for k in live:
                             state_k = trainer.variant_state(state, seg.slots[k])
-                            members[k].save(done, state_k, streams[keys[k]], wall)
+                            members[k].save(done, state_k, streams[keys[k]], costs)
                     if done == exit_after:
                         _exit_for_test(members, done)
                     if stop_by and done < optim.steps:
@@ -381,7 +388,7 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
     finally:
         for m in members:
             m.close()
-    return _finish(members, trainer, state, [evals[k] for k in keys], start, wall, is_main)
+    return _finish(members, trainer, state, [evals[k] for k in keys], start, costs, is_main)
 
 
 def _open_members(cfgs, workdirs, trainer, stacked):
@@ -502,9 +509,11 @@ def hours_minutes_seconds(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
-def _finish(members, trainer, state, evals, start, wall, is_main) -> list[dict | None]:
+def _finish(members, trainer, state, evals, start, costs, is_main) -> list[dict | None]:
     """Writes each live run's summary.json. A run resumed at its final step (killed between the
-    last checkpoint and its summary) takes its losses from the metrics it logged then."""
+    last checkpoint and its summary) takes its losses from the metrics it logged then. `costs`:
+    the job's wall time (at its last checkpoint) and energy; a stacked job's runs each report
+    the whole job's."""
     live = [k for k, m in enumerate(members) if not m.failed]
     final = members[0].cfg.train.steps
     for k in live:
@@ -530,7 +539,7 @@ def _finish(members, trainer, state, evals, start, wall, is_main) -> list[dict |
             "eval_loss": m.eval_loss,
             "eval_bpb": m.eval_loss / math.log(2),
             "train_loss": m.train_loss,
-            "wall_time_s": wall,
+            **costs,
             "data_fingerprint": m.fingerprint,
             "status": "done",
         }

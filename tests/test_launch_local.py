@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from launch.backends import local
+from launch.sweep import SweepError
 from sparsescale import run_files
 
 pytestmark = pytest.mark.slow
@@ -180,3 +182,25 @@ def test_sweep_runs_block_sparse_path_stacked(tmp_path, experiment_file, attempt
         cfg = apply_overrides(load_experiment(exp).get_config("smoke"), masked, "masked")
         ref = train.run(config_lib.run_config(cfg), tmp_path / f"masked-{summary['sparsity']}")
         assert summary["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)
+
+
+def test_gpu_host_gives_each_job_its_own_gpus_and_a_cpu_host_is_left_alone(monkeypatch):
+    """Device assignment without a GPU: 4 visible GPUs (CUDA_VISIBLE_DEVICES), 2 per job."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+    gpus = local.visible_gpus()
+    assert gpus == ("3", "5", "6", "7")
+    options = local.LocalOptions(jobs=2, threads=1, gpus=gpus, gpus_per_job=2)
+    slots = local.make_slots(options, [0, 1])
+    assert [(s.cpus, s.gpus) for s in slots] == [([0], ("3", "5")), ([1], ("6", "7"))]
+    env = local.child_env(1, base={"PATH": "/bin"}, gpus=slots[1].gpus)
+    assert env["CUDA_VISIBLE_DEVICES"] == "6,7"
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == local.GPU_MEM_FRACTION
+    cpu_only = local.child_env(1, base={"PATH": "/bin"}, gpus=())  # --gpus-per-job 0
+    assert cpu_only["CUDA_VISIBLE_DEVICES"] == "" and cpu_only["JAX_PLATFORMS"] == "cpu"
+    plain = local.child_env(1, base={"PATH": "/bin"})  # a CPU machine: no GPU settings at all
+    assert "CUDA_VISIBLE_DEVICES" not in plain and "JAX_PLATFORMS" not in plain
+    assert local.make_slots(local.LocalOptions(jobs=2, threads=1), [0, 1])[0].gpus is None
+    with pytest.raises(SweepError, match="must fit the 4 GPUs"):
+        local.LocalOptions(jobs=3, threads=1, gpus=gpus, gpus_per_job=2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert local.visible_gpus() == ()

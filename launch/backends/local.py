@@ -22,18 +22,72 @@ from launch import planner, signals, state, status
 from launch.sweep import Run, Sweep, SweepError, save_sweep, trainer_command
 from sparsescale import run_files, tuning
 
+GPU_MEM_FRACTION = "0.90"
 SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-STOP_GRACE_S = 10.0  # after SIGTERM, trainers get this long to exit before SIGKILL
+# After SIGTERM, trainers get this long to save a checkpoint at their next step and exit
+# (preemption.py) before SIGKILL; a loaded machine needs tens of seconds for a large state.
+STOP_GRACE_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalOptions:
+    """`gpus`: the GPUs jobs may use (`visible_gpus()`); `gpus_per_job`: each job's own share of
+    them (CUDA_VISIBLE_DEVICES), 0: jobs see no GPU (then with `gpus` empty, the environment is
+    left as it is: a CPU machine)."""
+
     jobs: int
     threads: int
     max_retries: int = 2
     refresh_s: float = 2.0
     poll_s: float = 0.25
     max_stack: int | None = None  # runs per stacked process; None: measured; 1: no stacking
+    gpus: tuple[str, ...] = ()
+    gpus_per_job: int = 0
+
+    def __post_init__(self):
+        if self.gpus_per_job < 0 or self.jobs * self.gpus_per_job > len(self.gpus):
+            raise SweepError(
+                f"--jobs {self.jobs} × --gpus-per-job {self.gpus_per_job} must fit the "
+                f"{len(self.gpus)} GPUs visible here ({list(self.gpus)})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """What one concurrent job owns: its cores and, on a GPU host, its GPUs (None: no GPU
+    settings, a CPU machine)."""
+
+    cpus: list[int]
+    gpus: tuple[str, ...] | None = None
+
+
+def visible_gpus() -> tuple[str, ...]:
+    """The GPUs this launcher may hand out: CUDA_VISIBLE_DEVICES when set, else what nvidia-smi
+    lists (without loading JAX, so a CPU launcher never initialises a GPU)."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return tuple(g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip())
+    if shutil.which("nvidia-smi") is None:
+        return ()
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return tuple(line.strip() for line in out.stdout.splitlines() if line.strip())
+
+
+def make_slots(options: LocalOptions, cpus: list[int]) -> list[Slot]:
+    """`options.jobs` slots of `threads` cores each and, on a GPU host, `gpus_per_job` GPUs."""
+    t, g = options.threads, options.gpus_per_job
+    return [
+        Slot(
+            cpus[i * t : (i + 1) * t],
+            tuple(options.gpus[i * g : (i + 1) * g]) if options.gpus else None,
+        )
+        for i in range(options.jobs)
+    ]
 
 
 def available_cpus() -> list[int]:
@@ -54,9 +108,18 @@ def validate_jobs_threads(jobs: int, threads: int) -> None:
         )
 
 
-def child_env(threads: int, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of one trainer process limited to `threads` compute threads."""
+def child_env(
+    threads: int, base: dict[str, str] | None = None, gpus: tuple[str, ...] | None = None
+) -> dict[str, str]:
+    """Environment of one trainer process limited to `threads` compute threads and, unless
+    `gpus` is None, to those GPUs (none: the CPU backend, so it takes no GPU memory)."""
     env = dict(os.environ if base is None else base)
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        if gpus:  # the job owns these GPUs: let it use most of their memory (JAX default 75%)
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = GPU_MEM_FRACTION
+        else:
+            env["JAX_PLATFORMS"] = "cpu"
     flags = [
         f
         for f in env.get("XLA_FLAGS", "").split()
@@ -144,7 +207,7 @@ def run_local(sweep: Sweep, root: Path, options: LocalOptions, out: IO[str] = sy
             )
         record = save_sweep(root, sweep)
         cpus = available_cpus()
-        slots = [cpus[i * options.threads : (i + 1) * options.threads] for i in range(options.jobs)]
+        slots = make_slots(options, cpus)
         statuses = {s.run_id: s for s in status.sweep_statuses(root, record)}
         todo = [r for r in sweep.runs if _needs_work(statuses[r.run_id], options.max_retries)]
         for r in sweep.runs:
@@ -183,7 +246,10 @@ def run_local(sweep: Sweep, root: Path, options: LocalOptions, out: IO[str] = sy
                     cause = getattr(e, "signame", "SIGINT")
                 else:
                     cause = f"its own error ({type(e).__name__}: {e})"
-                printer.event(f"interrupted by {cause}: stopping {len(active)} jobs")
+                printer.event(
+                    f"interrupted by {cause}: stopping {len(active)} jobs (each saves a "
+                    f"checkpoint at its next step; killed after {STOP_GRACE_S:g} s)"
+                )
                 _stop(active, root, cause)
             raise
         printer.table(root, record, force=True)
@@ -246,15 +312,17 @@ def _stop(active: list[_Active], root: Path, cause: str) -> None:
                 )
 
 
-def _start(sweep: Sweep, runs: list[Run], root: Path, slots: list[list[int]], slot: int) -> _Active:
-    cpus = slots[slot]
+def _start(sweep: Sweep, runs: list[Run], root: Path, slots: list[Slot], slot: int) -> _Active:
+    cpus, gpus = slots[slot].cpus, slots[slot].gpus
     workdirs = [root / r.run_id for r in runs]
     attempts = []
     stack = planner.stack_id(runs) if len(runs) > 1 else None
     for workdir in workdirs:
         workdir.mkdir(parents=True, exist_ok=True)
         attempts.append(
-            state.begin_attempt(workdir, "local", cpus=cpus, stacked=len(runs), stack=stack)
+            state.begin_attempt(
+                workdir, "local", cpus=cpus, gpus=gpus, stacked=len(runs), stack=stack
+            )
         )
     logs = [f for w, n in zip(workdirs, attempts, strict=True) for f in open_logs(w, n)]
     stderr = None
@@ -283,7 +351,7 @@ def _start(sweep: Sweep, runs: list[Run], root: Path, slots: list[list[int]], sl
     out.flush()
     started = time.time()
     try:
-        process = spawn(command, cpus, stdout=out, stderr=err, env=child_env(len(cpus)))
+        process = spawn(command, cpus, stdout=out, stderr=err, env=child_env(len(cpus), gpus=gpus))
     except OSError as e:
         for f in logs:
             f.close()
