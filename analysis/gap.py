@@ -196,6 +196,39 @@ def local_slopes(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def effective_sizes(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
+    """N_eff / N per (task, regime, size, S): N_eff is the dense size whose loss equals the sparse
+    run's, read off the same seed's dense curve (log N linear in the loss between adjacent
+    measured sizes; the dense losses must fall with N). Mean and t-interval over seeds. A sparse
+    loss above the smallest size's dense loss has no N_eff inside the measured range: such seeds
+    are counted in `n_below` and left out (never extrapolated). A ratio < 1: sparsity cost that
+    many dense parameters; flat in N: sparsity costs a fixed fraction of size."""
+    rows = []
+    for (task, regime), cell in pairs.groupby(["task", "regime"]):
+        curves = {
+            seed: sub.drop_duplicates(SIZE).sort_values(SIZE) for seed, sub in cell.groupby("seed")
+        }
+        for (size, s), sub in cell.groupby([SIZE, "sparsity"]):
+            ratios, below = [], 0
+            for row in sub.itertuples():
+                curve = curves[row.seed]
+                dense = curve["dense_loss"].to_numpy(float)
+                log_n = np.log(curve[SIZE].to_numpy(float))
+                if len(dense) < 2 or (np.diff(dense) >= 0).any():
+                    continue  # no falling dense curve for this seed
+                if row.loss > dense[0]:
+                    below += 1
+                    continue
+                log_eff = np.interp(-row.loss, -dense, log_n)  # np.interp needs rising x
+                ratios.append(float(np.exp(log_eff) / size))
+            mean, lo, hi = _mean_interval(ratios, ci_level)
+            rows.append(
+                {"task": task, "regime": regime, SIZE: size, "sparsity": s, "ratio": mean,
+                 "lo": lo, "hi": hi, "n_seeds": len(ratios), "n_below": below}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def _within_seed_slopes(
     per_seed: Iterable[pd.DataFrame], x: str, required: set | None = None
 ) -> list[float]:

@@ -142,6 +142,8 @@ def tidy(frame: pd.DataFrame, *, origin: str = "<DataFrame>") -> pd.DataFrame:
         "task": "",
         "config_hash": "",
         "wall_time_s": np.nan,
+        "energy_j": np.nan,  # summaries before energy was recorded
+        "energy_source": "",
         "data_fingerprint": "",
         "status": None,
     }

@@ -63,18 +63,6 @@ def regime_pairs(results: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     return pairs[pairs[SIZE].isin(both)].reset_index(drop=True)
 
 
-def _by_size(cells: pd.DataFrame) -> pd.DataFrame:
-    """One row per (regime, sparsity), one column per size: 'ΔL [lo, hi]'."""
-    text = cells.assign(
-        cell=[f"{g:.3f} [{lo:.3f}, {hi:.3f}]" for g, lo, hi in cells[["gap", "lo", "hi"]].values]
-    )
-    wide = text.pivot_table(
-        index=["regime", "sparsity"], columns=SIZE, values="cell", aggfunc="first"
-    )
-    wide.columns = [f"N = {figures._short(n)}" for n in wide.columns]
-    return wide.reset_index()
-
-
 def write_report(results: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> Path:
     """`regimes.md` and figures/regimes.png: the gap against N in each regime, with intervals."""
     pairs = regime_pairs(results, table)
@@ -101,7 +89,9 @@ def write_report(results: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> P
         "",
         "## ΔL per size: mean [95% interval over seeds], nats",
         "",
-        report_lib.markdown_table(_by_size(cells)),
+        report_lib.markdown_table(
+            report_lib.by_size_table(cells, ["regime", "sparsity"], "gap", SIZE)
+        ),
         "",
         "## β(S) over all sizes, within seeds (β > 0: the gap shrinks with size)",
         "",

@@ -74,6 +74,23 @@ def fmt(x) -> str:
     return f"{float(x):.4g}"
 
 
+def by_size_table(frame: pd.DataFrame, index: list[str], value: str, size: str) -> pd.DataFrame:
+    """One row per `index`, one column per size: '`value` [lo, hi]' (the frame's lo/hi)."""
+    cells = frame.assign(
+        cell=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in frame[[value, "lo", "hi"]].values]
+    )
+    wide = cells.pivot_table(index=index, columns=size, values="cell", aggfunc="first")
+    wide.columns = [f"N = {_short_size(n)}" for n in wide.columns]
+    return wide.reset_index()
+
+
+def _short_size(n: float) -> str:
+    for unit, div in (("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:g}"
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
     """A markdown table of `frame`, numbers in `fmt`."""
     head = "| " + " | ".join(map(str, frame.columns)) + " |"

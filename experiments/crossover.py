@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from analysis.load import SIZE as SIZE_COLUMN
 from experiments import common
 from sparsescale import accounting
 from sparsescale import model as model_lib
@@ -257,8 +258,12 @@ def write_turning(results, path):
     from analysis import figures, gap
     from analysis import report as report_lib
 
-    table = gap.local_slopes(gap.paired_gaps(results)).drop(columns=["task", "regime"])
+    pairs = gap.paired_gaps(results)
+    table = gap.local_slopes(pairs).drop(columns=["task", "regime"])
     figures.plot_local_slopes(table, path.parent / "figures" / "local_slopes")
+    sizes = gap.effective_sizes(pairs)
+    below = sizes.groupby(SIZE_COLUMN)["n_below"].max()
+    within = sizes[sizes[SIZE_COLUMN].isin(below[below == 0].index)]
     text = [
         "# Crossover: where the cost of sparsity turns with size",
         "",
@@ -270,6 +275,19 @@ def write_turning(results, path):
         report_lib.markdown_table(table),
         "",
         "![local slope of the gap against size](figures/local_slopes.png)",
+        "",
+        "## N_eff / N: the dense size a sparse run is worth",
+        "",
+        "N_eff: the size at which the same seed's dense curve reaches the sparse run's loss "
+        "(log N interpolated linearly in the loss between measured dense sizes; never "
+        "extrapolated: sizes where a seed's sparse loss lies above the smallest dense loss "
+        f"are left out: {', '.join(f'{n:g}' for n in below[below > 0].index) or 'none'}). "
+        "Mean [95% t-interval over seeds]. Flat in N: sparsity costs a fixed fraction of size; "
+        "falling: a growing fraction, even where the absolute gap shrinks.",
+        "",
+        report_lib.markdown_table(
+            report_lib.by_size_table(within, ["sparsity"], "ratio", SIZE_COLUMN)
+        ),
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

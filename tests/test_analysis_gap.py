@@ -238,3 +238,24 @@ def test_local_slopes_recover_a_known_turn_and_its_seed_interval():
     np.testing.assert_allclose(table["beta"], [-0.3, -0.3, 0.2, 0.2], atol=1e-9)
     assert list(table["gap_with_size"]) == ["grows", "grows", "shrinks", "shrinks"]
     assert (table["n_seeds"] == 3).all()
+
+
+def test_effective_sizes_recover_a_known_ratio_and_never_extrapolate():
+    # dense L = 3 − 0.2·log N (+ a seed offset): a sparse run at N with loss L_dense(r·N) has
+    # N_eff / N = r exactly (log N is linear in L between measured sizes)
+    sizes, ratio = [1e4, 3e4, 1e5, 3e5], {1e4: 0.5, 3e4: 0.6, 1e5: 0.5, 3e5: 0.4}
+    rows = []
+    for seed in (0, 1, 2):
+        dense = lambda n, seed=seed: 3 - 0.2 * np.log(n) + 0.01 * seed  # noqa: E731
+        for n in sizes:
+            base = {"task": "t", "n_nonembedding": n, "n_params_total": n, "tokens": 20 * n,
+                    "seed": seed}  # fmt: skip
+            rows.append(base | {"structure": "dense", "sparsity": 0.0, "eval_loss": dense(n)})
+            rows.append(base | {"structure": "unstructured", "sparsity": 0.5,
+                                "eval_loss": dense(ratio[n] * n)})  # fmt: skip
+    table = gap.effective_sizes(gap.paired_gaps(pd.DataFrame(rows))).set_index("n_nonembedding")
+    # at 1e4, r·N lies below the smallest dense size: not extrapolated, counted
+    assert table.loc[1e4, "n_below"] == 3 and table.loc[1e4, "n_seeds"] == 0
+    for n in sizes[1:]:
+        assert table.loc[n, "ratio"] == pytest.approx(ratio[n])
+        assert table.loc[n, "n_seeds"] == 3 and table.loc[n, "n_below"] == 0
