@@ -110,7 +110,7 @@ class SlurmJob:
     def __getstate__(self) -> dict:  # the requeued job starts its own trainer
         return {}
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, _: dict) -> None:
         self._process = None
 
     def __call__(self, root: str, run_id: str, attempt: int, command: list[str], threads: int):
