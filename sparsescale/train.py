@@ -320,75 +320,79 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
     costs = {"wall_time_s": wall_before, "energy_j": meter.before, "energy_source": meter.source}
     exit_after = int(os.environ.get(EXIT_AFTER_STEP, "0") or 0)
     signal_after = int(os.environ.get(SIGNAL_AFTER_STEP, "0") or 0)
-    try:
-        with preemption.StopRequests() as stop:
-            previous = None
-            for seg in segments:
-                trainer, variants, state = _enter(
-                    seg, previous, trainer, state, cfgs, base, stacked
-                )
-                previous = seg
-                for step in range(seg.start, seg.stop):
-                    fresh = {k: next(it) for k, it in streams.items()}  # one draw per data stream
-                    batch = trainer.batch([fresh[keys[k]] for k in seg.trained])
-                    state, metrics = trainer.step(state, batch, variants)
-                    done = step + 1
-                    if step == seg.start:  # keep compilation out of the throughput numbers
-                        jax.block_until_ready(metrics)
-                        clock.restart(done)
-                    stop_by = stop.requested()
-                    if done == signal_after:
-                        os.kill(os.getpid(), signal.SIGUSR1)  # noted now, acted on next step
-                    log_now = done % optim.log_every == 0 or done == optim.steps
-                    ckpt_now = done % optim.ckpt_every == 0 or done == optim.steps or bool(stop_by)
-                    eval_now = optim.eval_every > 0 and done % optim.eval_every == 0
-                    if not (log_now or ckpt_now or eval_now):
-                        continue
-                    values = {
-                        k: np.atleast_1d(np.asarray(v, np.float64))
-                        for k, v in jax.device_get(metrics).items()
-                    }
-                    step_time = clock.lap(done)
-                    for k, m in enumerate(members):
-                        loss = float(values["train/loss"][seg.slots[k]])
-                        if not m.failed and not math.isfinite(loss):
-                            _fail(m, f"non-finite training loss {loss} at step {done}", is_main)
-                    live = [k for k, m in enumerate(members) if not m.failed]
-                    if not live:
-                        break
-                    eval_losses = None
-                    if eval_now or done == optim.steps:
-                        per_variant = trainer.evaluate(state, [evals[keys[k]] for k in seg.trained])
-                        eval_losses = [per_variant[i] for i in seg.slots]
-                    for k in live:
-                        own = {n: float(v[seg.slots[k]]) for n, v in values.items()}
-                        eval_k = None if eval_losses is None else eval_losses[k]
-                        members[k].log(done, own, step_time, eval_k, is_main)
-                    if is_main:
-                        _log_progress(
-                            done, optim.steps, members, live, eval_losses, step_time,
-                            members[0].tokens_per_step * len({seg.slots[k] for k in live}),
-                        )  # fmt: skip
-                    if ckpt_now:
-                        # the summary's wall time and energy: at the last checkpoint
-                        costs = {"wall_time_s": clock.wall(), "energy_j": meter.joules(),
-                                 "energy_source": meter.source}  # fmt: skip
-                        for k in live:
-                            state_k = trainer.variant_state(state, seg.slots[k])
-                            members[k].save(done, state_k, streams[keys[k]], costs)
-                    if done == exit_after:
-                        _exit_for_test(members, done)
-                    if stop_by and done < optim.steps:
-                        for m in members:
-                            m.checkpointer.manager.wait_until_finished()
-                        log.warning("%s: checkpoint saved at step %d; stopping.", stop_by, done)
-                        raise preemption.Preempted(stop_by, done)
-                if not any(not m.failed for m in members):
+    with preemption.StopRequests() as stop, _closing(members):
+        previous = None
+        for seg in segments:
+            trainer, variants, state = _enter(seg, previous, trainer, state, cfgs, base, stacked)
+            previous = seg
+            for step in range(seg.start, seg.stop):
+                fresh = {k: next(it) for k, it in streams.items()}  # one draw per data stream
+                batch = trainer.batch([fresh[keys[k]] for k in seg.trained])
+                state, metrics = trainer.step(state, batch, variants)
+                done = step + 1
+                if step == seg.start:  # keep compilation out of the throughput numbers
+                    jax.block_until_ready(metrics)
+                    clock.restart(done)
+                stop_by = stop.requested()
+                if done == signal_after:
+                    os.kill(os.getpid(), signal.SIGUSR1)  # noted now, acted on next step
+                log_now = done % optim.log_every == 0 or done == optim.steps
+                ckpt_now = done % optim.ckpt_every == 0 or done == optim.steps or bool(stop_by)
+                eval_now = optim.eval_every > 0 and done % optim.eval_every == 0
+                if not (log_now or ckpt_now or eval_now):
+                    continue
+                values = {
+                    k: np.atleast_1d(np.asarray(v, np.float64))
+                    for k, v in jax.device_get(metrics).items()
+                }
+                step_time = clock.lap(done)
+                for k, m in enumerate(members):
+                    loss = float(values["train/loss"][seg.slots[k]])
+                    if not m.failed and not math.isfinite(loss):
+                        _fail(m, f"non-finite training loss {loss} at step {done}", is_main)
+                live = [k for k, m in enumerate(members) if not m.failed]
+                if not live:
                     break
+                eval_losses = None
+                if eval_now or done == optim.steps:
+                    per_variant = trainer.evaluate(state, [evals[keys[k]] for k in seg.trained])
+                    eval_losses = [per_variant[i] for i in seg.slots]
+                for k in live:
+                    own = {n: float(v[seg.slots[k]]) for n, v in values.items()}
+                    eval_k = None if eval_losses is None else eval_losses[k]
+                    members[k].log(done, own, step_time, eval_k, is_main)
+                if is_main:
+                    _log_progress(
+                        done, optim.steps, members, live, eval_losses, step_time,
+                        members[0].tokens_per_step * len({seg.slots[k] for k in live}),
+                    )  # fmt: skip
+                if ckpt_now:
+                    # the summary's wall time and energy: at the last checkpoint
+                    costs = {"wall_time_s": clock.wall(), "energy_j": meter.joules(),
+                             "energy_source": meter.source}  # fmt: skip
+                    for k in live:
+                        state_k = trainer.variant_state(state, seg.slots[k])
+                        members[k].save(done, state_k, streams[keys[k]], costs)
+                if done == exit_after:
+                    _exit_for_test(members, done)
+                if stop_by and done < optim.steps:
+                    for m in members:
+                        m.checkpointer.manager.wait_until_finished()
+                    log.warning("%s: checkpoint saved at step %d; stopping.", stop_by, done)
+                    raise preemption.Preempted(stop_by, done)
+            if not any(not m.failed for m in members):
+                break
+    return _finish(members, trainer, state, [evals[k] for k in keys], start, costs, is_main)
+
+
+@contextlib.contextmanager
+def _closing(members):
+    """Close every member's checkpointer and writers on the way out, however the loop ends."""
+    try:
+        yield
     finally:
         for m in members:
             m.close()
-    return _finish(members, trainer, state, [evals[k] for k in keys], start, costs, is_main)
 
 
 def _open_members(cfgs, workdirs, trainer, stacked):
