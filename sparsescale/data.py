@@ -28,6 +28,7 @@ import functools
 import glob
 import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -38,6 +39,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+
+log = logging.getLogger("sparsescale")
 
 SEPARATOR = 0  # byte placed between documents; absent from text and from synthetic output
 TRAIN, VALIDATION = "train", "validation"
@@ -154,9 +157,19 @@ def prepare(cfg: DataConfig) -> PreparedData:
         for split, tfds_split in split_names.items():
             path = _stream_path(builder_dir, split)
             num_docs[split] = builder.info.splits[tfds_split].num_examples
+            if os.path.exists(path) and not _stream_reads(path):  # e.g. a half-copied file
+                aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+                os.replace(path, aside)
+                log.warning("%s does not read; moved it to %s and rebuilding it.", path, aside)
             if not os.path.exists(path):
-                records = builder.as_data_source(split=tfds_split)
-                _write_stream(path, _iter_documents(records, source.text_feature(builder)))
+                try:
+                    records = builder.as_data_source(split=tfds_split)
+                    _write_stream(path, _iter_documents(records, source.text_feature(builder)))
+                except Exception as e:  # a damaged ArrayRecord shard: nothing to rebuild from
+                    raise ValueError(
+                        f"dataset {cfg.name!r}: its built records in {builder_dir} do not read "
+                        f"({type(e).__name__}: {e}); delete that directory to rebuild them."
+                    ) from e
     return PreparedData(
         name=cfg.name,
         fingerprint=source.fingerprint,
@@ -281,6 +294,15 @@ def _stream_path(builder_dir: str, split: str) -> str:
 
 def _stream_len(path: str) -> int:
     return int(np.load(path, mmap_mode="r").shape[0])
+
+
+def _stream_reads(path: str) -> bool:
+    """Whether a byte stream opens whole (a truncated .npy fails to memory-map)."""
+    try:
+        _stream_len(path)
+    except (ValueError, OSError, EOFError):
+        return False
+    return True
 
 
 def _write_stream(path: str, documents: Iterator[bytes]) -> None:

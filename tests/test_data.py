@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import dataclasses
+import glob
 import hashlib
 import importlib.util
 import json
@@ -219,6 +220,26 @@ def test_fingerprint_tracks_file_contents_and_prepare_rebuilds(corpus, tmp_path)
     (root / "pkg2" / "new.txt").unlink()
     moved = data.DataConfig(name="local_text", text_glob=str(corpus / "**" / "*.txt"))
     assert data.fingerprint(moved) == before
+
+
+def test_damaged_stream_is_rebuilt_and_damaged_records_are_one_clear_error(corpus, tmp_path):
+    """A half-copied byte stream (shared file systems) is moved aside and rebuilt to the same
+    bytes; damaged ArrayRecord shards, with nothing to rebuild from, name the fix."""
+    cfg = data.DataConfig(
+        name="local_text", text_glob=str(corpus / "**" / "*.txt"), data_dir=str(tmp_path)
+    )
+    path = data.prepare(cfg).stream_path("train")
+    whole = np.load(path).tobytes()
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)  # np.load: "mmap length is greater than file size"
+    assert np.load(data.prepare(cfg).stream_path("train")).tobytes() == whole
+    assert len(glob.glob(f"{path}.damaged-*")) == 1
+    os.remove(path)
+    for shard in glob.glob(str(tmp_path / "**" / "*.array_record*"), recursive=True):
+        with open(shard, "r+b") as f:
+            f.truncate(16)
+    with pytest.raises(ValueError, match="do not read .*delete that directory to rebuild"):
+        data.prepare(cfg)
 
 
 def test_concurrent_prepare_builds_once(corpus, tmp_path):
