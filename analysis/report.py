@@ -75,9 +75,17 @@ def fmt(x) -> str:
 
 
 def by_size_table(frame: pd.DataFrame, index: list[str], value: str, size: str) -> pd.DataFrame:
-    """One row per `index`, one column per size: '`value` [lo, hi]' (the frame's lo/hi)."""
+    """One row per `index`, one column per size: "`value` [lo, hi]" (the frame's lo/hi), or
+    "`value` (one seed)" where there is no interval."""
     cells = frame.assign(
-        cell=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in frame[[value, "lo", "hi"]].values]
+        cell=[
+            "–"
+            if not np.isfinite(v)
+            else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+            if np.isfinite(lo)
+            else f"{v:.3f} (one seed)"
+            for v, lo, hi in frame[[value, "lo", "hi"]].values
+        ]
     )
     wide = cells.pivot_table(index=index, columns=size, values="cell", aggfunc="first")
     wide.columns = [f"N = {_short_size(n)}" for n in wide.columns]

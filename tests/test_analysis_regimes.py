@@ -79,3 +79,16 @@ def test_a_table_of_other_runs_is_refused():
     results, table = _results_and_table()
     with pytest.raises(ValueError, match="no one-shot row"):
         regimes.regime_pairs(results, table.assign(run_id="elsewhere"))
+
+
+def test_by_size_table_says_one_seed_instead_of_nan():
+    from analysis import report
+
+    frame = pd.DataFrame(
+        {"s": [0.5, 0.5, 0.9], "n": [1e4, 1e6, 1e4], "v": [0.1, 0.2, np.nan],
+         "lo": [0.05, np.nan, np.nan], "hi": [0.15, np.nan, np.nan]}
+    )  # fmt: skip
+    table = report.by_size_table(frame, ["s"], "v", "n").set_index("s")
+    assert list(table.columns) == ["N = 10K", "N = 1M"]
+    assert table.loc[0.5].tolist() == ["0.100 [0.050, 0.150]", "0.200 (one seed)"]
+    assert table.loc[0.9, "N = 10K"] == "–"
