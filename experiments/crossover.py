@@ -13,8 +13,10 @@ Runtime:  smoke ≈ 1 min. lr: 35 dense runs, one process each (learning rates d
           1 job × 1 thread: measured ≈ 1.5 h beside other work (the 332K runs 19 min each under
           load). lr_800k: 3 runs, measured ≈ 28 min each (2 jobs × 1 thread); lr_1.8m estimated
           ≈ 76 min a run. main_6k_330k: 144 runs in 21 stacked jobs, measured 58 min on
-          2 jobs × 1 thread (a 332K job of 8 variants ≈ 16 min). main_800k / main_1.8m: not run
-          yet; a stacked 800K job (5 variants) is estimated ≈ 1 h from the 332K one's step cost.
+          2 jobs × 1 thread (a 332K job of 8 variants ≈ 16 min). main_800k: dense / 50 / 87.5% of seeds 0–1
+          measured ≈ 2.4 s a step alone (≈ 34 min a run, 2 jobs × 1 thread; 75 / 93.75% and seed 2
+          not run). main_1.8m:
+          not run.
 Design:   matched in steps: every run, at every size, takes STEPS = 850 optimizer steps, and the
           batch (sequences of 128 bytes) grows with size so each sees ≈ 21 tokens per
           non-embedding parameter (`batch_for`; whole sequences give 17.5 at 6K and 23.4 at 12K, with
