@@ -393,7 +393,7 @@ def describe_regimes(df: pd.DataFrame) -> dict[str, dict]:
         d = sub["tokens"]
         d_text = f"D = {d.min():.3g}" + (f"–{d.max():.3g}" if d.nunique() > 1 else "")
         short_seeds = f"seeds: {common}" + (
-            f" ({', '.join(f'{n} at {_short(size)}' for size, n in seeds.items() if n != common)})"
+            f" ({', '.join(f'{n} at {short_size(size)}' for size, n in seeds.items() if n != common)})"
             if others
             else ""
         )
@@ -413,7 +413,8 @@ def _span(values: pd.Series, fmt: str) -> str:
     return lo if lo == hi else f"{lo}–{hi}"
 
 
-def _short(v: float) -> str:
+def short_size(v: float) -> str:
+    """A size as 13.9K / 1.8M (3 significant digits)."""
     for unit, div in (("M", 1e6), ("K", 1e3)):
         if v >= div:
             return f"{v / div:.3g}{unit}"

@@ -88,15 +88,8 @@ def by_size_table(frame: pd.DataFrame, index: list[str], value: str, size: str) 
         ]
     )
     wide = cells.pivot_table(index=index, columns=size, values="cell", aggfunc="first")
-    wide.columns = [f"N = {_short_size(n)}" for n in wide.columns]
+    wide.columns = [f"N = {gap.short_size(n)}" for n in wide.columns]
     return wide.reset_index()
-
-
-def _short_size(n: float) -> str:
-    for unit, div in (("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:g}"
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
