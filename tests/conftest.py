@@ -70,6 +70,29 @@ def read_metric_lines(workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_training(ref, got, steps: int) -> None:
+    """The run in `got` (interrupted and resumed) equals the uninterrupted one in `ref`: one
+    metrics row per step with the same losses, the same final state bit for bit, the same eval."""
+    import jax
+    import numpy as np
+
+    got_lines = read_metric_lines(got)
+    assert [d["step"] for d in got_lines] == list(range(1, steps + 1))
+    assert [d["train/loss"] for d in got_lines] == [d["train/loss"] for d in read_metric_lines(ref)]
+    (step_ref, state_ref), (step_got, state_got) = read_final_state(ref), read_final_state(got)
+    assert step_ref == step_got == steps
+    for a, b in zip(jax.tree.leaves(state_ref), jax.tree.leaves(state_got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    eval_ref = json.loads((Path(ref) / "summary.json").read_text())["eval_loss"]
+    assert json.loads((Path(got) / "summary.json").read_text())["eval_loss"] == eval_ref
+
+
+@pytest.fixture
+def same_training():
+    """`same_training(ref, got, steps)`: asserts a resumed run equals the uninterrupted one."""
+    return assert_same_training
+
+
 @pytest.fixture
 def smoke_config():
     """`smoke_config(**overrides)`: the smoke experiment config, 50% unstructured, with overrides."""

@@ -196,7 +196,7 @@ def test_shared_prefix_is_trained_once_and_forks_bit_identically(
 
 @pytest.mark.slow
 def test_killed_stacked_job_resumes_every_variant_exactly(
-    tmp_path, final_state, metric_lines, run_env
+    tmp_path, same_training, metric_lines, run_env
 ):
     cmd = lambda job: [sys.executable, "-m", "sparsescale.stack", str(job)]  # noqa: E731
     subprocess.run(cmd(_job(tmp_path, "ref", 20)), env=run_env(), check=True, capture_output=True)
@@ -214,17 +214,7 @@ def test_killed_stacked_job_resumes_every_variant_exactly(
     assert "Resumed from step" in done.stderr
 
     for i in range(len(VARIANTS)):
-        ref, got = tmp_path / "ref" / f"v{i}", tmp_path / "killed" / f"v{i}"
-        assert [d["step"] for d in metric_lines(got)] == list(range(1, 21))
-        assert [d["train/loss"] for d in metric_lines(got)] == [
-            d["train/loss"] for d in metric_lines(ref)
-        ]
-        (step_a, a), (step_b, b) = final_state(ref), final_state(got)
-        assert step_a == step_b == 20
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-        summary = json.loads((got / "summary.json").read_text())
-        assert summary["eval_loss"] == json.loads((ref / "summary.json").read_text())["eval_loss"]
+        same_training(tmp_path / "ref" / f"v{i}", tmp_path / "killed" / f"v{i}", 20)
 
 
 def test_a_stack_of_one_is_the_single_run(tmp_path, metric_lines, smoke_config):

@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 
-import jax
 import numpy as np
 import pytest
 
@@ -19,7 +18,7 @@ from sparsescale import train
 
 
 @pytest.mark.slow
-def test_kill_and_resume_is_bit_identical(tmp_path, final_state, main_cmd, metric_lines, run_env):
+def test_kill_and_resume_is_bit_identical(tmp_path, same_training, main_cmd, metric_lines, run_env):
     args = ["--config.train.steps=24", "--config.train.ckpt_every=4", "--config.train.log_every=1"]
     ref = tmp_path / "ref"
     subprocess.run(main_cmd(ref, *args), env=run_env(), check=True, capture_output=True)
@@ -36,16 +35,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, final_state, main_cmd, metri
     assert not (killed / "summary.json").exists()
     subprocess.run(main_cmd(killed, *args), env=run_env(), check=True, capture_output=True)
 
-    ref_lines, got_lines = metric_lines(ref), metric_lines(killed)
-    assert [d["step"] for d in got_lines] == list(range(1, 25))
-    assert [d["train/loss"] for d in got_lines] == [d["train/loss"] for d in ref_lines]
-    step_ref, state_ref = final_state(ref)
-    step_got, state_got = final_state(killed)
-    assert step_ref == step_got == 24
-    for a, b in zip(jax.tree.leaves(state_ref), jax.tree.leaves(state_got), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    summary = json.loads((killed / "summary.json").read_text())
-    assert summary["eval_loss"] == json.loads((ref / "summary.json").read_text())["eval_loss"]
+    same_training(ref, killed, 24)
 
 
 def _free_port():
@@ -215,9 +205,7 @@ def test_the_eta_does_not_wrap_after_a_day():
 
 
 @pytest.mark.slow
-def test_signal_checkpoints_and_resume_is_bit_identical(
-    tmp_path, final_state, main_cmd, metric_lines, run_env
-):
+def test_signal_checkpoints_and_resume_is_bit_identical(tmp_path, same_training, main_cmd, run_env):
     """SIGUSR1 (what Slurm sends before a time limit) after step 10: the trainer saves a
     checkpoint at step 11, off its every-8 schedule, and exits PREEMPTED_EXIT; the resumed run
     equals an uninterrupted one bit for bit."""
@@ -235,11 +223,4 @@ def test_signal_checkpoints_and_resume_is_bit_identical(
     saved = sorted(int(p.parent.name) for p in stopped.glob("checkpoints/*/commit_success.txt"))
     assert saved == [8, 11] and not (stopped / "summary.json").exists()
     subprocess.run(main_cmd(stopped, *args), env=run_env(), check=True, capture_output=True)
-
-    assert [d["train/loss"] for d in metric_lines(stopped)] == [
-        d["train/loss"] for d in metric_lines(ref)
-    ]
-    (step_ref, state_ref), (step_got, state_got) = final_state(ref), final_state(stopped)
-    assert step_ref == step_got == 24
-    for a, b in zip(jax.tree.leaves(state_ref), jax.tree.leaves(state_got), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    same_training(ref, stopped, 24)
