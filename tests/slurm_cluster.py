@@ -68,6 +68,8 @@ class SlurmCluster:
                     "SlurmUser=root",
                     "SlurmdUser=root",
                     "AuthType=auth/munge",
+                    # a requeued job may start again once its old credential expires (120 s)
+                    "AuthInfo=cred_expire=20",
                     "CredType=cred/munge",
                     "MpiDefault=none",
                     "ProctrackType=proctrack/linuxproc",

@@ -108,17 +108,7 @@ def test_signalled_or_cancelled_slurm_job_resumes_and_matches_an_uninterrupted_r
                  "the run to log step 100")  # fmt: skip
         return attempts(root, run_id)[-1]["slurm_job_id"]
 
-    def requeued_job_started(root, job):
-        # Slurm holds a requeued job ~2 min (pending, reason BeginTime); once it is held and its
-        # old allocation is gone (the node idle, not completing), make it eligible now.
-        def out(*cmd):
-            return subprocess.run(cmd, env=slurm_env, capture_output=True, text=True).stdout.split()
-
-        if out("squeue", "-h", "-j", job, "-o", "%T %r") == ["PENDING", "BeginTime"] and out(
-            "sinfo", "-h", "-o", "%T"
-        ) == ["idle"]:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
-                           env=slurm_env, capture_output=True)  # fmt: skip
+    def requeued_job_started(root):
         tries = attempts(root, run_id)
         return len(tries) == 2 and tries[1]["started"] is not None
 
@@ -129,8 +119,8 @@ def test_signalled_or_cancelled_slurm_job_resumes_and_matches_an_uninterrupted_r
             if name == "signalled":
                 jobs[name] = job_at_step_100(root)
                 subprocess.run(["scancel", "--signal=USR2", jobs[name]], env=slurm_env, check=True)
-                wait_for(lambda r=root: requeued_job_started(r, jobs["signalled"]), 300,
-                         "the requeued job to start")  # fmt: skip
+                # Slurm starts it again once its old credential expires (cred_expire, 20 s here)
+                wait_for(lambda r=root: requeued_job_started(r), 300, "the requeued job to start")
             if name == "cancelled":
                 jobs[name] = job_at_step_100(root)
                 subprocess.run(["scancel", jobs[name]], env=slurm_env, check=True)
@@ -164,6 +154,8 @@ def test_bad_partition_is_one_line_and_records_nothing(tmp_path, slurm_env, expe
     args = ["run", f"{exp}:smoke", "--root", str(root), "--backend", "slurm"]
     done = _launch([*args, "--partition", "nosuch"], slurm_env, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
-    (line,) = done.stderr.strip().splitlines()
+    # one error line and no traceback (jax plugins may print their own notes on import)
+    (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in done.stderr
     assert line.startswith("error: Slurm submission of 1 runs failed") and "partition" in line
     assert not list(root.glob("*/launch.json"))
