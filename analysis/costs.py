@@ -1,7 +1,8 @@
 """What sparsity buys (figure 6): bytes per weight of each format, training FLOPs per token, and
 measured block-sparse time against the ideal 1/(1 − S), drawn from benchmark results: the
 library's cost tables (`benchmarks/cost_tables.py`) and the kernel timings
-(`benchmarks/kernels.py`), read from a directory the caller names. No JAX here."""
+(`benchmarks/kernels.py`), read from a directory the caller names; and the energy of trained
+runs (their summaries' `energy_j`, labelled by `energy_source`) against their FLOPs. No JAX here."""
 
 import json
 from pathlib import Path
@@ -11,13 +12,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from analysis import figures  # noqa: E402
 
 
-def draw_costs(out_dir, benchmarks_dir) -> dict:
+def draw_costs(out_dir, benchmarks_dir, results: pd.DataFrame | None = None) -> dict:
     """costs.png and report.md: memory per format, FLOPs per token vs sparsity, and measured
-    block-sparse time vs the ideal, from `benchmarks/kernels.py` results in `benchmarks_dir`."""
+    block-sparse time vs the ideal, from `benchmarks/kernels.py` results in `benchmarks_dir`;
+    with finished runs in `results`, also energy.png and the report's energy section."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -113,6 +116,71 @@ def draw_costs(out_dir, benchmarks_dir) -> dict:
     fig.tight_layout()
     figures.save(fig, out_dir / "costs")
     lines += ["", "![costs](costs.png)"]
+    if results is not None and len(results):
+        lines += ["", *draw_energy(results, out_dir / "energy")]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return {"costs": path}
+
+
+def energy_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished run with a whole-run energy: joules per training token, and energy and
+    train FLOPs as shares of the dense run of the same model, seed and steps (NaN without one).
+    Runs whose energy does not cover every step (`energy_source` says "unmetered") are left out."""
+    done = results[(results["status"] == "done") & np.isfinite(results["energy_j"])]
+    done = done[~done["energy_source"].fillna("").str.contains("unmetered")].copy()
+    done["j_per_token"] = done["energy_j"] / done["tokens"]
+    dense = done[(done["sparsity"] == 0) & (done["num_experts"].fillna(0) == 0)]
+    keys = ["model", "seed", "steps"]
+    ref = dense.groupby(keys)[["j_per_token", "train_flops"]].first()
+    ref.columns = ["dense_j_per_token", "dense_train_flops"]
+    done = done.join(ref, on=keys)
+    done["energy_vs_dense"] = done["j_per_token"] / done["dense_j_per_token"]
+    done["flops_vs_dense"] = done["train_flops"] / done["dense_train_flops"]
+    return done.reset_index(drop=True)
+
+
+def draw_energy(results: pd.DataFrame, path) -> list[str]:
+    """`path`.png (energy per token of each run beside what its FLOPs share of the dense run's
+    promises; eval loss against energy) and the markdown lines describing it."""
+    table = energy_table(results)
+    if table.empty:
+        return ["## Energy", "", "No finished run has a whole-run energy (`energy_j`)."]
+    label = table["tag"].where(table["tag"].fillna("") != "", table["run_id"])
+    fig, (ax_e, ax_l) = plt.subplots(1, 2, figsize=(12, 4.2))
+    y = np.arange(len(table))
+    ax_e.barh(y, table["j_per_token"] * 1e3, color="tab:orange", label="energy used")
+    ax_e.scatter(
+        table["dense_j_per_token"] * table["flops_vs_dense"] * 1e3,
+        y,
+        color="k",
+        marker="|",
+        s=250,
+        label="dense energy × FLOPs share (if energy followed FLOPs)",
+    )
+    ax_e.set(yticks=y, yticklabels=label, xlabel="mJ per training token", title="Energy per token")
+    ax_e.legend(fontsize=7, loc="lower right")
+    for k, row in table.iterrows():
+        ax_l.scatter(row["energy_j"] / 1e3, row["eval_loss"], s=40, label=label[k])
+    ax_l.set(xlabel="energy of the whole run (kJ)", ylabel="eval loss", title="Loss vs energy")
+    ax_l.legend(fontsize=7)
+    sources = sorted(set(table["energy_source"]))
+    fig.suptitle("Energy source: " + "; ".join(sources), fontsize=8)
+    fig.tight_layout()
+    figures.save(fig, path)
+    lines = [
+        "## Energy per run",
+        "",
+        "Energy of each whole training run (its summary's `energy_j`) per training token, against",
+        "the share of the dense run's FLOPs it needs (same model, seed and steps). How each was",
+        "obtained: " + "; ".join(f"`{s}`" for s in sources) + ".",
+        "",
+        "| run | model | eval loss | kJ | mJ/token | energy / dense | FLOPs / dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {label[k]} | {r['model']} | {r['eval_loss']:.4f} | {r['energy_j'] / 1e3:.3g} | "
+        f"{r['j_per_token'] * 1e3:.3g} | {r['energy_vs_dense']:.2f} | {r['flops_vs_dense']:.2f} |"
+        for k, r in table.iterrows()
+    ]
+    return [*lines, "", f"![energy]({Path(path).name}.png)"]

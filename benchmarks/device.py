@@ -13,6 +13,10 @@ One process, one JSON (default `benchmarks/results/device_<backend>.json`):
   75% balanced blocks, constant schedule) vs dense, and the dense step's model FLOP utilisation
   (`accounting.run_accounting` FLOPs × tokens/s ÷ the table's peak, and ÷ the measured matmul).
 - `targets`: block 75% ≥ 2.5× dense on the square matmul; 2:4 decode ≥ 1.5× at batch 1.
+- Energy: joules per call of every variant of the square matmul and per train step, dense and
+  block-sparse, each from back-to-back calls over at least `ENERGY["min_s"]` seconds, read from the
+  host's meter (`sparsescale.energy`: NVML on NVIDIA GPUs, else RAPL, else the labelled
+  estimate); `energy_source` says which.
 
 Every time is the median of interleaved repeats (`benchmarks.common.time_interleaved`); every ratio
 is dense time / sparse time (> 1: sparse is faster) measured in this process. A case that raises is
@@ -82,10 +86,27 @@ TARGETS = {
 
 
 TIMING = {"warmup": 2}  # warm-up calls per variant (compile included); --tiny: 1
+ENERGY = {"min_s": 1.0}  # seconds of back-to-back calls per energy reading; --tiny: 0.05
 
 
 def _time(fns: dict, repeats: int) -> dict[str, float]:
     return common.time_interleaved(fns, repeats=repeats, warmup=TIMING["warmup"])
+
+
+def joules_per_call(fns: dict) -> tuple[dict[str, float], str]:
+    """Energy per call of each (already compiled) zero-argument fn: its calls back to back for at
+    least ENERGY["min_s"] and 3 calls, between two readings of the host's meter."""
+    from sparsescale import energy
+
+    meter = energy.meter()
+    out = {}
+    for name, fn in fns.items():
+        calls, j0, t0 = 0, meter.joules(), time.perf_counter()
+        while calls < 3 or time.perf_counter() - t0 < ENERGY["min_s"]:
+            jax.block_until_ready(fn())
+            calls += 1
+        out[name] = (meter.joules() - j0) / calls
+    return out, meter.source
 
 
 def peak_bf16(kind: str):
@@ -226,9 +247,9 @@ def _reference(x, w_dense):
     return jnp.dot(x.astype(jnp.float32), w_dense.astype(jnp.float32))
 
 
-def matmul_case(shape, block, repeats: int, seed: int) -> dict:
+def matmul_case(shape, block, repeats: int, seed: int, with_energy: bool = False) -> dict:
     """Dense jnp.dot vs the Pallas block kernel and N:M kernel at 50 / 75 / 87.5% (bf16 forward),
-    all timed interleaved."""
+    all timed interleaved; `with_energy`: also the joules per call of each."""
     m, k, n = shape
     kx, kw, *keys = jax.random.split(jax.random.key(seed), 8)
     x = jax.random.normal(kx, (m, k), jnp.bfloat16)
@@ -254,7 +275,13 @@ def matmul_case(shape, block, repeats: int, seed: int) -> dict:
 
         _prepare(fns, meta, f"block_{s}", build_block)
         _prepare(fns, meta, f"nm_{nn}:{mm}", build_nm)
-    return _ratios(shape, _time(fns, repeats), meta)
+    row = _ratios(shape, _time(fns, repeats), meta)
+    if with_energy:
+        joules, row["energy_source"] = joules_per_call(fns)
+        row["dense_j"] = joules.pop("dense")
+        for name, j in joules.items():
+            row["variants"][name].update(sparse_j=j, energy_ratio=j / row["dense_j"])
+    return row
 
 
 def decode_case(k, n, batches, repeats: int, seed: int) -> dict:
@@ -351,9 +378,9 @@ def train_step_case(
         states[name], metrics = trainers[name].step_fn(states[name], batch_arr)
         return metrics
 
-    med = common.time_interleaved(
-        {name: functools.partial(advance, name) for name in trainers}, repeats=steps, warmup=2
-    )
+    steppers = {name: functools.partial(advance, name) for name in trainers}
+    med = common.time_interleaved(steppers, repeats=steps, warmup=2)
+    joules, energy_source = joules_per_call(steppers)
     n_tokens = batch * seq
     dense_flops = accounting.run_accounting(dense_cfg)["flops_per_token"]
     model_flops_per_s = dense_flops * n_tokens / med["dense"]
@@ -378,6 +405,10 @@ def train_step_case(
         dense_step_s=med["dense"],
         block_step_s=med["block"],
         speedup_block_over_dense=speedup,
+        dense_j_per_step=joules["dense"],
+        block_j_per_step=joules["block"],
+        energy_block_over_dense=joules["block"] / joules["dense"],
+        energy_source=energy_source,
         dense_tokens_per_s=n_tokens / med["dense"],
         dense_model_flops_per_token=dense_flops,
         dense_model_flops_per_s=model_flops_per_s,
@@ -426,6 +457,7 @@ def main(argv=None) -> Path:
     if args.tiny:  # the times mean nothing on CPU: compile fast instead
         jax.config.update("jax_disable_most_optimizations", True)
         TIMING["warmup"] = 1
+        ENERGY["min_s"] = 0.05
     if args.preset:
         cfg["step"]["preset"] = args.preset
     backend = jax.default_backend()
@@ -448,7 +480,8 @@ def main(argv=None) -> Path:
     matmul_flops = ref.get("matmul_flops_per_s")
     # Target cases first (the square matmul, decode), then the train step, then the LLM shapes.
     shapes = list(cfg["matmul"].items())
-    result["matmul"] = [runner.run(shapes[0][0], matmul_case, shapes[0][1], cfg["block"], reps, 0)]
+    square = shapes[0]
+    result["matmul"] = [runner.run(square[0], matmul_case, square[1], cfg["block"], reps, 0, True)]
     result["decode"] = [
         runner.run(f"decode_{name}", decode_case, k, n, cfg["decode_batches"], reps, i)
         for i, (name, (k, n)) in enumerate(cfg["decode"].items())

@@ -46,7 +46,7 @@ FIGURES = (
 
 
 def presets_of(module) -> list[str]:
-    """The experiment's presets (any name for one that trains nothing)."""
+    """The experiment's presets (any name for one without PRESETS)."""
     return sorted(getattr(module, "PRESETS", {}))
 
 
@@ -118,8 +118,9 @@ def main(argv=None) -> int:
             launch_args = ["run", spec, "--root", str(root), "--records", str(run_records)]
             if args.jobs:
                 launch_args += ["--jobs", str(args.jobs)]
-            if args.stack:
-                launch_args += ["--stack", str(args.stack)]
+            stack = args.stack or getattr(module, "MAX_STACK", None)  # the experiment's own cap
+            if stack:
+                launch_args += ["--stack", str(stack)]
             code = launch_cli.main(launch_args)
             if code:
                 print(f"some runs failed; see `python -m launch status {root}`", file=sys.stderr)

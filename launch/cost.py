@@ -4,11 +4,15 @@ launcher's own plan of jobs and a calibration.
 `calibrate` times each model's train step as the planned jobs run it (stacked, with the shared
 prefix, `jobs` at once, `sparsescale.timing`) and stores it in `<root>/calibration.json`;
 `dry_run_table` times every planned job from it and schedules the jobs as the local backend does.
+Each entry names the host device it was measured on (`host_device`); on another device it is
+not used (`usable_calibration`): times measured on a CPU say nothing about a GPU.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -20,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from launch import state
-from launch.backends.local import available_cpus, child_env, spawn
+from launch.backends.local import available_cpus, child_env, spawn, visible_gpus
 from launch.sweep import Sweep, SweepError, _get
 from sparsescale import run_files
 
@@ -33,6 +37,43 @@ def estimate_cost(config: ml_collections.ConfigDict) -> dict[str, Any]:
     from sparsescale.accounting import estimate_cost as trainer_estimate
 
     return trainer_estimate(config)
+
+
+@functools.cache
+def host_device() -> str:
+    """What this host trains on, read without loading JAX: its GPUs' name and count (nvidia-smi)
+    when the launcher hands out GPUs, else its CPU model."""
+    gpus = visible_gpus()
+    if gpus:
+        name = "unknown GPU"
+        if shutil.which("nvidia-smi"):
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            name = next((ln.strip() for ln in out.stdout.splitlines() if ln.strip()), name)
+        return f"GPU: {name} × {len(gpus)}"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
+                  if ln.startswith("model name")), "unknown CPU")  # fmt: skip
+    return f"CPU: {model}"
+
+
+def usable_calibration(calibration: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the entries measured on this host's device (or naming none: older files), {model: the
+    device another entry was measured on})."""
+    here = host_device()
+    usable, elsewhere = {}, {}
+    for model, entry in calibration.items():
+        host = entry.get("host") if isinstance(entry, dict) else None
+        if host is None or host == here:
+            usable[model] = entry
+        else:
+            elsewhere[model] = host
+    return usable, elsewhere
 
 
 def _model(config: ml_collections.ConfigDict) -> str:
@@ -91,6 +132,8 @@ def calibrate(
             "flops_per_s": tokens_per_s * cost["dense_train_flops"] / cost["tokens"],
             "threads": threads,
             "jobs": len(procs),
+            "device": timed[0].get("device"),  # as JAX saw it in the timed process
+            "host": host_device(),
             "measured": state.now_iso(),
         }
     run_files.write_json_atomic(path, calibration)
@@ -160,7 +203,9 @@ def dry_run_table(
     each timed from calibration.json, scheduled on `jobs` workers as the local backend does."""
     from launch import planner
 
-    calibration = run_files.read_json(Path(root) / CALIBRATION_FILE) or {}
+    calibration, elsewhere = usable_calibration(
+        run_files.read_json(Path(root) / CALIBRATION_FILE) or {}
+    )
     plan = planner.plan(sweep, sweep.runs, None, jobs, max_stack)
     share, job_s, missing, saved = {}, [], set(), 0.0
     for job in plan:
@@ -212,9 +257,11 @@ def dry_run_table(
         f"{_si(total_flops)} training FLOPs"
     )
     if missing:
+        other = {m: elsewhere[m] for m in sorted(missing) if m in elsewhere}
         lines.append(
-            f"no calibration for {sorted(missing)} in {Path(root) / CALIBRATION_FILE}: "
-            "run `python -m launch calibrate <experiment> --root <root>` for time estimates"
+            f"no calibration for {sorted(missing)} in {Path(root) / CALIBRATION_FILE}"
+            + (f" on this host's {host_device()} (measured on: {other})" if other else "")
+            + ": run `python -m launch calibrate <experiment> --root <root>` for time estimates"
         )
     else:
         lines.append(

@@ -29,6 +29,7 @@ LAUNCH_FILE = run_files.LAUNCH
 DONE, RUNNING, QUEUED, FAILED, PENDING = "done", "running", "queued", "failed", "pending"
 INTERRUPTED = "interrupted"
 PREEMPTED = "preempted"  # stopped by a signal after a checkpoint: resumes, not a failed try
+BAD_INPUT_EXIT = 2  # sparsescale.main: a bad config or run directory; retrying cannot help
 
 
 def now_iso() -> str:

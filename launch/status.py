@@ -214,8 +214,11 @@ def format_table(
 
 
 def read_calibration(root: Path) -> dict[str, Any]:
+    """The calibration entries measured on this host's device (`cost.usable_calibration`)."""
+    from launch import cost
+
     calibration = run_files.read_json(Path(root) / CALIBRATION_FILE)
-    return calibration if isinstance(calibration, dict) else {}
+    return cost.usable_calibration(calibration)[0] if isinstance(calibration, dict) else {}
 
 
 def status_text(root: Path, compact: bool = False, width: int = 100, height: int = 30) -> str:

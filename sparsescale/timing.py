@@ -4,7 +4,8 @@
 
 CONFIG.json holds a run's full experiment config (as the launcher writes it). Prints one JSON
 line: {"startup_s": seconds outside steady stepping (imports, data, each K's compile),
-"step_s": {K: seconds per step}, "save_s": seconds per checkpoint of one variant}.
+"step_s": {K: seconds per step}, "save_s": seconds per checkpoint of one variant, "device": what
+JAX ran it on}.
 Batches are random tokens; the step is the real one (step.py), pruning included.
 """
 
@@ -57,7 +58,8 @@ def time_steps(cfg, ks: list[int], steps: int = 4) -> dict:
             saver.save(i + 1, trainer.variant_state(state, 0), None, {})
         saver.close()
         save_s = (time.perf_counter() - t) / 3
-    return {"startup_s": startup, "step_s": step_s, "save_s": save_s}
+    device = f"{jax.default_backend()}: {jax.devices()[0].device_kind} × {jax.device_count()}"
+    return {"startup_s": startup, "step_s": step_s, "save_s": save_s, "device": device}
 
 
 def main(argv: list[str]) -> int:

@@ -240,6 +240,8 @@ def _restore(trainer, base, members, stacked, iterators: list):
         wall = max(float(meta.get("wall_time_s", 0.0)) for _, meta in restored)
         joules = max(float(meta.get("energy_j", 0.0)) for _, meta in restored)
         source = restored[0][1].get("energy_source")
+        if step and any("energy_j" not in meta for _, meta in restored):
+            source = f"unmetered before step {step} (a checkpoint older than energy accounting)"
         log.info("Resumed from step %d in %s", step, ", ".join(str(m.workdir) for m in members))
         return trainer.stack_states(states), step, wall, energy.meter(joules, source)
     return None, 0, 0.0, energy.meter()

@@ -39,3 +39,25 @@ def test_committed_cost_tables_are_the_librarys(tmp_path):
 def test_missing_cost_tables_name_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="benchmarks.cost_tables"):
         costs.draw_costs(tmp_path / "out", tmp_path)
+
+
+def test_energy_table_against_hand_worked_shares():
+    """Dense 100 J over 1000 tokens; a sparse run of the same model and seed 30 J with 40% of
+    the FLOPs; a run of another seed has no dense partner (NaN shares); failed runs drop out."""
+    import math
+
+    import pandas as pd
+
+    base = dict(status="done", model="m", steps=10, tokens=1000, num_experts=0, energy_source="e")
+    rows = [
+        dict(base, seed=0, sparsity=0.0, energy_j=100.0, train_flops=10.0, tag="dense"),
+        dict(base, seed=0, sparsity=0.5, energy_j=30.0, train_flops=4.0, tag="sparse"),
+        dict(base, seed=1, sparsity=0.5, energy_j=20.0, train_flops=4.0, tag="alone"),
+        dict(base, seed=0, sparsity=0.9, energy_j=1.0, train_flops=1.0, tag="x", status="failed"),
+    ]
+    table = costs.energy_table(pd.DataFrame(rows)).set_index("tag")
+    assert list(table.index) == ["dense", "sparse", "alone"]
+    assert table.loc["sparse", "j_per_token"] == pytest.approx(0.03)
+    assert table.loc["sparse", "energy_vs_dense"] == pytest.approx(0.3)
+    assert table.loc["sparse", "flops_vs_dense"] == pytest.approx(0.4)
+    assert math.isnan(table.loc["alone", "energy_vs_dense"])

@@ -62,6 +62,13 @@ def test_device_benchmark_tiny_writes_every_section(tmp_path):
         assert _finite(step[key]), key
     assert _finite(step["dense_model_flops_per_s"]) and step["dense_mfu"] == "unknown"
     assert step["sparsity"] == 0.75 and step["block_budgets"]
+    for key in ("dense_j_per_step", "block_j_per_step", "energy_block_over_dense"):
+        assert _finite(step[key]) and step[key] > 0, key
+    square = r["matmul"][0]
+    assert square["energy_source"] == step["energy_source"]
+    assert step["energy_source"].startswith(("estimated: ", "measured: "))
+    assert _finite(square["dense_j"]) and square["dense_j"] > 0
+    assert all(_finite(v["sparse_j"]) for v in square["variants"].values())
 
     assert set(r["targets"]) == {"block75_square", "nm24_decode"}
     for t in r["targets"].values():
@@ -79,3 +86,22 @@ def test_device_benchmark_records_failures_and_budget():
     assert device.peak_bf16("NVIDIA H100 PCIe") == 756e12
     assert device.peak_bf16("NVIDIA H200") == 989e12
     assert device.peak_bf16("cpu") == "unknown"
+
+
+def test_joules_per_call_reads_the_meter_around_back_to_back_calls(monkeypatch):
+    """A fake counter that each call of `a` advances by 2 J and of `b` by 0.5 J."""
+    import jax.numpy as jnp
+
+    from sparsescale import energy
+
+    joules, result = [0.0], jnp.zeros(())
+
+    def step(j):
+        joules[0] += j
+        return result
+
+    meter = energy.Meter(counter=lambda: joules[0], source="measured: fake")
+    monkeypatch.setattr(energy, "meter", lambda: meter)
+    monkeypatch.setitem(device.ENERGY, "min_s", 0.01)
+    per_call, source = device.joules_per_call({"a": lambda: step(2.0), "b": lambda: step(0.5)})
+    assert per_call == {"a": 2.0, "b": 0.5} and source == "measured: fake"

@@ -56,3 +56,29 @@ def test_summary_records_energy_and_its_source_across_a_resume(tmp_path, smoke_c
     (tmp_path / "run" / "summary.json").unlink()
     more = train.run(longer, tmp_path / "run", allow_config_change=True)
     assert more["energy_j"] > summary["energy_j"]
+
+
+def test_a_resume_from_a_checkpoint_without_energy_says_so(tmp_path, smoke_config):
+    """A run resumed from a checkpoint written before energy accounting counts only the steps
+    after it: its source says so, and figure 6's energy table leaves it out."""
+    import pandas as pd
+
+    from analysis import costs
+
+    cfg = config_lib.run_config(smoke_config(**{"train.steps": 10, "train.ckpt_every": 5}))
+    train.run(cfg, tmp_path / "run")
+    f = tmp_path / "run" / "checkpoints" / "10" / "meta" / "metadata"  # orbax's JsonSave file
+    meta = json.loads(f.read_text())
+    assert meta["energy_j"] > 0
+    f.write_text(json.dumps({k: v for k, v in meta.items() if not k.startswith("energy")}))
+    longer = config_lib.run_config(smoke_config(**{"train.steps": 15, "train.ckpt_every": 5}))
+    (tmp_path / "run" / "summary.json").unlink()
+    more = train.run(longer, tmp_path / "run", allow_config_change=True)
+    assert more["energy_source"].startswith("unmetered before step 10")
+    assert more["energy_source"].endswith(energy.meter().source)
+    row = {"status": "done", "tokens": 1, "sparsity": 0.0, "num_experts": 0, "model": "m",
+           "seed": 0, "steps": 15, "train_flops": 1.0}  # fmt: skip
+    whole = {**row, "energy_j": 2.0, "energy_source": energy.meter().source}
+    partial = {**row, "energy_j": 1.0, "energy_source": more["energy_source"], "seed": 1}
+    table = costs.energy_table(pd.DataFrame([whole, partial]))
+    assert list(table["seed"]) == [0]

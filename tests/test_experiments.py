@@ -53,4 +53,12 @@ def test_fig5_reuses_fig1_runs_and_fig6_draws(dirs):
     assert before == after  # nothing retrained
     assert (out5 / "report.md").exists()
     _, out6 = _run("fig6_costs", dirs)
-    assert (out6 / "costs.png").exists() and "bytes/element" in (out6 / "report.md").read_text()
+    report6 = (out6 / "report.md").read_text()
+    assert (out6 / "costs.png").exists() and "bytes/element" in report6
+    from experiments import fig6_costs
+
+    assert (out6 / "energy.png").exists() and "energy / dense" in report6
+    for run in fig6_costs.get_sweep("smoke"):  # every run trained alone, with its own energy
+        assert f"| {run['tag']} |" in report6
+    for launch in (dirs / "fig6_costs" / "smoke").glob("*/launch.json"):
+        assert json.loads(launch.read_text())["attempts"][0]["stacked"] == 1

@@ -150,6 +150,24 @@ def test_sweep_survives_kill_reports_failure_and_collects(
     assert len([a for a in attempts(root, nan) if a["outcome"] != "interrupted"]) == 2
 
 
+def test_bad_input_fails_once_and_a_relaunch_tries_again(tmp_path, experiment_file, attempts):
+    """A run the trainer refuses (exit 2: balanced 16×16 blocks at 87.5% keep no block of a
+    32-row kernel) is not retried by the same launcher, whatever --max-retries says; a
+    relaunch (the user may have fixed the cause) tries once more."""
+    bad = {"sparsity.structure": "block", "sparsity.block": (16, 16), "sparsity.balanced": True}
+    exp = experiment_file(tmp_path, [{**bad, "sparsity.target": 0.875}])
+    root = tmp_path / "root"
+    args = ["run", f"{exp}:smoke", "--root", str(root), "--jobs", "1", "--max-retries", "2"]
+    first = launch(*args)
+    assert first.returncode == 1
+    assert "bad input: not retried" in first.stdout + first.stderr
+    (run_id,) = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    (attempt,) = attempts(root, run_id)
+    assert attempt["exit_code"] == 2 and "keeps no block" in attempt["error"]
+    assert launch(*args).returncode == 1
+    assert [a["exit_code"] for a in attempts(root, run_id)] == [2, 2]
+
+
 def test_sweep_runs_block_sparse_path_stacked(tmp_path, experiment_file, attempts):
     """A launched sweep with `sparsity.impl = "block"`: two targets train as one stacked job that
     switches to block-sparse layers, with the same eval loss as the masked path trained here."""

@@ -414,6 +414,19 @@ def test_dry_run_times_the_planned_jobs_from_the_calibration(tmp_path):
     )
     assert cost.predict_wall([5.0, 3.0, 3.0, 1.0], workers=2) == 6.0  # jobs start in order
 
+    # measured on another device: not used, and the table says where it was measured
+    assert cost.host_device().startswith(("CPU: ", "GPU: "))
+    here = {"cpu_25k": {**measured, "host": cost.host_device()}}
+    run_files.write_json_atomic(root / "calibration.json", here)
+    assert cost.dry_run_table(expanded, root, jobs=1, max_stack=4).splitlines()[-1] == lines[-1]
+    assert status.read_calibration(root) == here
+    elsewhere = {"cpu_25k": {**measured, "host": "GPU: NVIDIA H200 × 8"}}
+    run_files.write_json_atomic(root / "calibration.json", elsewhere)
+    last = cost.dry_run_table(expanded, root, jobs=1, max_stack=4).splitlines()[-1]
+    assert last.startswith("no calibration for ['cpu_25k']")
+    assert "(measured on: {'cpu_25k': 'GPU: NVIDIA H200 × 8'})" in last
+    assert status.read_calibration(root) == {}
+
 
 def test_calibrate_times_the_planned_stack_and_its_prefix(tmp_path):
     spec = write_experiment(tmp_path, 'product({"sparsity.target": [0.0, 0.5, 0.75]})')
@@ -425,5 +438,6 @@ def test_calibrate_times_the_planned_stack_and_its_prefix(tmp_path):
     assert 0 < measured["step_s"]["1"] < measured["step_s"]["3"]
     assert measured["startup_s"] > 0 and measured["save_s"] > 0
     assert run_files.load_json(root / "calibration.json") == calibration
+    assert measured["host"] == cost.host_device() and measured["device"].startswith("cpu: ")
     last = cost.dry_run_table(expanded, root, jobs=1, max_stack=3).splitlines()[-1]
     assert last.startswith("predicted wall time from scratch:")

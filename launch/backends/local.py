@@ -276,10 +276,13 @@ def _finish(
             retry.append(run)
             continue
         failures[run.run_id] += 1
-        again = failures[run.run_id] <= options.max_retries
+        bad_input = attempt["exit_code"] == state.BAD_INPUT_EXIT
+        again = failures[run.run_id] <= options.max_retries and not bad_input
         printer.event(
             f"{run.run_id}: failed ({attempt['error']})"
-            + (", will retry" if again else ", no retries left")
+            + (", will retry" if again else "")
+            + (", bad input: not retried (fix it and relaunch)" if bad_input else "")
+            + (", no retries left" if not again and not bad_input else "")
         )
         if again:
             retry.append(run)
