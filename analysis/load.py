@@ -144,6 +144,7 @@ def tidy(frame: pd.DataFrame, *, origin: str = "<DataFrame>") -> pd.DataFrame:
         "wall_time_s": np.nan,
         "energy_j": np.nan,  # summaries before energy was recorded
         "energy_source": "",
+        "device": "",  # summaries before the device was recorded
         "data_fingerprint": "",
         "status": None,
     }

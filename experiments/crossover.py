@@ -94,6 +94,13 @@ LR_TUNED = {
     "cpu_800k": 0.0113,
     "cpu_1.8m": 0.0110,
 }
+# The accelerator arm (`acc`): the same design on one GPU from 1.8M (its overlap with the CPU
+# arms) to 20M, dense and 87.5%, seed 0, bf16 compute (float32 parameters and optimizer). Its
+# learning rates above 1.8M are EXTRAPOLATED: the last measured local slope of lr* in N (−0.05)
+# continued from 1.8M's, lr* = 0.011 · (N / 1.77M)^−0.05.
+ACC_SIZES = ("cpu_1.8m", "acc_3.1m", "acc_7.1m", "acc_20m")
+ACC_LR = {"cpu_1.8m": 0.0110, "acc_3.1m": 0.0107, "acc_7.1m": 0.0103, "acc_20m": 0.0098}
+ACC_LEVELS = (0.0, 0.875)
 ALL_LEVELS = (0.0, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 0.9375)
 LARGE_LEVELS = (0.0, 0.5, 0.75, 0.875, 0.9375)
 SEEDS = (0, 1, 2)
@@ -135,6 +142,26 @@ PRESETS = {
         levels={"cpu_100k": (0.875,)},
         lr_factors=(0.5, 2.0),
     ),
+    "acc": dict(
+        **{**_MATCHED, "seeds": (0,)},
+        lr=ACC_LR,
+        levels=dict.fromkeys(ACC_SIZES, ACC_LEVELS),
+        dtype="bfloat16",
+        tag="acc",
+    ),
+    # the accelerator arm's script end to end on a CPU, in seconds
+    "acc_smoke": dict(
+        steps=8,
+        tokens_per_param=0.3,
+        batches={"cpu_6k": 4, "cpu_12k": 8},
+        seq_len=32,
+        eval_sequences=8,
+        lr={"cpu_6k": 1.2e-2, "cpu_12k": 1.2e-2},
+        seeds=(0,),
+        levels={"cpu_6k": ACC_LEVELS, "cpu_12k": ACC_LEVELS},
+        dtype="bfloat16",
+        tag="acc",
+    ),
     "main_smoke": dict(
         steps=8,
         tokens_per_param=0.3,
@@ -173,6 +200,7 @@ def get_config(arg: str = "lr"):
     c.sparsity.schedule.updates = 2 if smoke else 16
     c.train.log_every = 2 if smoke else 10
     c.train.ckpt_every = 4 if smoke else 100
+    c.model.dtype = p.get("dtype", "float32")
     return c
 
 
@@ -216,7 +244,7 @@ def _main_sweep(p: dict) -> list[dict]:
                 for target in levels:
                     runs.append(
                         {
-                            "tag": "main" if factor == 1.0 else f"lr_x{factor:g}",
+                            "tag": p.get("tag", "main") if factor == 1.0 else f"lr_x{factor:g}",
                             "model.name": size,
                             "data.batch_size": batch,
                             "data.eval_batch_size": p["eval_sequences"],
@@ -252,6 +280,10 @@ def analyze(results, out_dir):
 
             table = pd.read_csv(POSTTRAIN_TABLE)
             reports["regimes"] = regimes.write_report(main, table, out_dir / "main")
+    acc = results[results["tag"] == "acc"]  # the accelerator arm (bf16): reported on its own
+    if len(acc):
+        reports["acc"] = common.report(acc, out_dir / "acc", "Crossover on one GPU (bf16)")
+        reports["acc_turning"] = write_turning(acc, out_dir / "acc" / "turning.md")
     return reports
 
 

@@ -27,6 +27,7 @@ from launch import state
 from launch.backends.local import available_cpus, child_env, spawn, visible_gpus
 from launch.sweep import Sweep, SweepError, _get
 from sparsescale import run_files
+from sparsescale.provenance import cpu_model
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -53,13 +54,7 @@ def host_device() -> str:
             )  # fmt: skip
             name = next((ln.strip() for ln in out.stdout.splitlines() if ln.strip()), name)
         return f"GPU: {name} × {len(gpus)}"
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
-                  if ln.startswith("model name")), "unknown CPU")  # fmt: skip
-    return f"CPU: {model}"
+    return f"CPU: {cpu_model()}"
 
 
 def usable_calibration(calibration: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:

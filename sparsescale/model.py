@@ -79,6 +79,10 @@ PRESETS: dict[str, dict] = {
     "cpu_480k_d200": dict(d_model=200, n_layers=1, n_heads=10, d_ff=800),
     "cpu_960k_d200": dict(d_model=200, n_layers=2, n_heads=10, d_ff=800),
     "cpu_3.8m_d400": dict(d_model=400, n_layers=2, n_heads=20, d_ff=1600),
+    # the crossover's shape rule (F = 4D, 4 layers), head width 64: its accelerator arm
+    "acc_3.1m": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024),
+    "acc_7.1m": dict(d_model=384, n_layers=4, n_heads=6, d_ff=1536),
+    "acc_20m": dict(d_model=640, n_layers=4, n_heads=10, d_ff=2560),
     "acc_19m": dict(d_model=512, n_layers=6, n_heads=8, d_ff=2048),
     "acc_85m": dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072),
     "acc_300m": dict(d_model=1024, n_layers=24, n_heads=16, d_ff=4096),

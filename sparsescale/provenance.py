@@ -1,5 +1,5 @@
-"""Which code produced a result: `code_version()`, recorded in launch records, run records and
-every benchmark result (`tuning.write`)."""
+"""Which code produced a result, `code_version()`, recorded in launch records, run records and
+every benchmark result (`tuning.write`); and on what, `device_name()`, in every run summary."""
 
 from __future__ import annotations
 
@@ -29,3 +29,24 @@ def code_version(repo: Path = REPO) -> str:
     except (OSError, subprocess.SubprocessError):
         described = ""
     return described or os.environ.get(ENV) or "unknown"
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo), or "unknown CPU"."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                "unknown CPU")  # fmt: skip
+
+
+def device_name(before: str | None = None) -> str:
+    """ "<backend>: <device kind> × <count>" of this JAX process (on a CPU, the processor's model),
+    after `before` (the device of the run's earlier steps) when that was another."""
+    import jax
+
+    kind = cpu_model() if jax.default_backend() == "cpu" else jax.devices()[0].device_kind
+    here = f"{jax.default_backend()}: {kind} × {jax.device_count()}"
+    return here if before in (None, "", here) else f"{before} + {here}"

@@ -44,7 +44,7 @@ SUMMARY_COLUMNS = (
     "n_params_active", "flops_per_token", "tokens", "train_flops",
     "sparsity", "structure", "nm_n", "nm_m", "block_size", "num_experts", "top_k",
     "method", "allocation", "schedule", "steps", "batch_size", "lr", "seed", "task", "config_hash",
-    "eval_loss", "eval_bpb", "train_loss", "wall_time_s", "energy_j", "energy_source",
+    "eval_loss", "eval_bpb", "train_loss", "wall_time_s", "energy_j", "energy_source", "device",
     "data_fingerprint", "status",
 )  # fmt: skip
 

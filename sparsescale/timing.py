@@ -58,8 +58,9 @@ def time_steps(cfg, ks: list[int], steps: int = 4) -> dict:
             saver.save(i + 1, trainer.variant_state(state, 0), None, {})
         saver.close()
         save_s = (time.perf_counter() - t) / 3
-    device = f"{jax.default_backend()}: {jax.devices()[0].device_kind} × {jax.device_count()}"
-    return {"startup_s": startup, "step_s": step_s, "save_s": save_s, "device": device}
+    from sparsescale.provenance import device_name
+
+    return {"startup_s": startup, "step_s": step_s, "save_s": save_s, "device": device_name()}
 
 
 def main(argv: list[str]) -> int:

@@ -25,7 +25,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sparsescale import accounting, block_phase, energy, preemption, stack_rules, stacking
+from sparsescale import (
+    accounting,
+    block_phase,
+    energy,
+    preemption,
+    provenance,
+    stack_rules,
+    stacking,
+)
 from sparsescale import checkpoint as ckpt
 from sparsescale import config as config_lib
 from sparsescale import data as data_lib
@@ -127,7 +135,7 @@ class _Member:
                     self.writer.add_scalar(n, v, done)
 
     def save(self, done: int, state: dict, stream, costs: dict) -> None:
-        """`costs`: wall_time_s, energy_j and energy_source of the job up to this step."""
+        """`costs`: wall_time_s, energy_j, energy_source and device of the job up to this step."""
         if done not in self.checkpointer.manager.all_steps():  # else: saved before a kill
             meta = {**costs, "fingerprint": self.fingerprint}
             self.checkpointer.save(done, state, stream, meta)
@@ -208,9 +216,9 @@ def _check_config(cfg: RunConfig, workdir: Path, allow_change: bool) -> None:
 
 
 def _restore(trainer, base, members, stacked, iterators: list):
-    """(state, start step, wall time so far, an energy meter that continues the restored joules)
-    from the newest checkpoint step every member has and restores; unrestorable ones are moved to
-    run_files.CORRUPT_CHECKPOINTS with a warning."""
+    """(state, start step, wall time so far, an energy meter that continues the restored joules,
+    the device of the steps so far) from the newest checkpoint step every member has and
+    restores; unrestorable ones are moved to run_files.CORRUPT_CHECKPOINTS with a warning."""
     one = step_lib.build(base) if stacked else trainer
     abstract = ckpt.abstract_with_shardings(jax.eval_shape(one.init_fn), one.state_shardings)
     common = set.intersection(*(set(m.checkpointer.manager.all_steps()) for m in members))
@@ -243,8 +251,9 @@ def _restore(trainer, base, members, stacked, iterators: list):
         if step and any("energy_j" not in meta for _, meta in restored):
             source = f"unmetered before step {step} (a checkpoint older than energy accounting)"
         log.info("Resumed from step %d in %s", step, ", ".join(str(m.workdir) for m in members))
-        return trainer.stack_states(states), step, wall, energy.meter(joules, source)
-    return None, 0, 0.0, energy.meter()
+        meter, device = energy.meter(joules, source), restored[0][1].get("device")
+        return trainer.stack_states(states), step, wall, meter, device
+    return None, 0, 0.0, energy.meter(), None
 
 
 def run_stack(
@@ -305,7 +314,7 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
     """Runs the job's compile plan: one compiled step per segment, members log and save."""
     members, streams, evals = _open_members(cfgs, workdirs, trainer, stacked)
     keys = [_data_key(c) for c in cfgs]
-    state, start, wall_before, meter = _restore(
+    state, start, wall_before, meter, device_before = _restore(
         trainer, base, members, stacked, [streams[k] for k in keys]
     )
     prefix = stack_rules.shared_prefix(cfgs) if stacked else (0, [], [])
@@ -319,7 +328,9 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
 
     optim = base.train
     clock = _Clock(start, wall_before)
-    costs = {"wall_time_s": wall_before, "energy_j": meter.before, "energy_source": meter.source}
+    device = provenance.device_name(device_before)
+    costs = {"wall_time_s": wall_before, "energy_j": meter.before, "energy_source": meter.source,
+             "device": device}  # fmt: skip
     exit_after = int(os.environ.get(EXIT_AFTER_STEP, "0") or 0)
     signal_after = int(os.environ.get(SIGNAL_AFTER_STEP, "0") or 0)
     with preemption.StopRequests() as stop, _closing(members):
@@ -371,7 +382,7 @@ def _train(cfgs, workdirs, trainer, base, stacked, block_steps, is_main) -> list
                 if ckpt_now:
                     # the summary's wall time and energy: at the last checkpoint
                     costs = {"wall_time_s": clock.wall(), "energy_j": meter.joules(),
-                             "energy_source": meter.source}  # fmt: skip
+                             "energy_source": meter.source, "device": device}  # fmt: skip
                     for k in live:
                         state_k = trainer.variant_state(state, seg.slots[k])
                         members[k].save(done, state_k, streams[keys[k]], costs)

@@ -1,6 +1,8 @@
 """The crossover experiment's design (matched steps, ≈21 tokens per parameter, one shape rule, an
 LR grid per size) and the learning-rate analysis on synthetic sweeps with a known optimum."""
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -130,3 +132,54 @@ def test_lr_sparse_brackets_the_tuned_lr_of_main():
     assert {(r["model.name"], r["sparsity.target"], r["train.seed"]) for r in runs} == {
         ("cpu_100k", 0.875, 0)
     }
+
+
+def test_accelerator_arm_is_the_same_design_to_20m():
+    """The `acc` preset: the matched design (850 steps, ≈21 tokens per parameter, the shape rule)
+    from the largest CPU size to ≥ 20M, dense paired with 87.5% at every size, bf16 compute."""
+    runs = crossover.get_sweep("acc")
+    config = crossover.get_config("acc")
+    assert config.model.dtype == "bfloat16" and config.train.steps == crossover.STEPS
+    sizes = [_non_embedding(s) for s in crossover.ACC_SIZES]
+    assert (
+        sizes == sorted(sizes) and sizes[-1] >= 1.9e7 and crossover.ACC_SIZES[0] in crossover.SIZES
+    )
+    for size in crossover.ACC_SIZES:
+        cfg = model_lib.preset(size)
+        rule = crossover.shape_rule(cfg.d_model)
+        assert (cfg.d_ff, cfg.n_layers) == (rule["d_ff"], rule["n_layers"]), size
+        mine = [r for r in runs if r["model.name"] == size]
+        assert sorted(r["sparsity.target"] for r in mine) == [0.0, 0.875]
+        for r in mine:
+            per_param = crossover.STEPS * r["data.batch_size"] * config.data.seq_len
+            assert per_param / _non_embedding(size) == pytest.approx(21, rel=0.01)
+            assert r["tag"] == "acc" and r["train.seed"] == 0
+            assert r["train.lr"] == crossover.ACC_LR[size]
+    assert crossover.ACC_LR["cpu_1.8m"] == crossover.LR_TUNED["cpu_1.8m"]
+
+
+@pytest.mark.slow
+def test_accelerator_script_trains_and_packs_records_naming_the_device(tmp_path):
+    """benchmarks/crossover_acc.sh end to end at smoke scale on the CPU: every run trains, and
+    the archive holds one record per run whose summary names the device and the code."""
+    import json
+    import os
+    import subprocess
+    import tarfile
+    from pathlib import Path
+
+    from sparsescale import provenance
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PRESET="acc_smoke", OUT=str(tmp_path / "out"), ROOT=str(tmp_path / "root"),
+               PYTHON=sys.executable, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # fmt: skip
+    done = subprocess.run(["bash", str(repo / "benchmarks" / "crossover_acc.sh")], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    with tarfile.open(tmp_path / "out" / "crossover_acc_smoke_records.tar.gz") as tar:
+        records = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.isfile()]
+    assert len(records) == len(crossover.get_sweep("acc_smoke")) == 4
+    for record in records:
+        summary = record["summary"]
+        assert summary["device"].startswith("cpu: ") and summary["tag"] == "acc"
+        assert record["code_version"] == provenance.code_version()

@@ -3,10 +3,11 @@ included), the estimate's arithmetic, resumes, and the label every summary carri
 
 import json
 
+import jax
 import pytest
 
 from sparsescale import config as config_lib
-from sparsescale import energy, train
+from sparsescale import energy, provenance, train
 
 
 def _zone(root, i, uj, max_uj):
@@ -56,6 +57,12 @@ def test_summary_records_energy_and_its_source_across_a_resume(tmp_path, smoke_c
     (tmp_path / "run" / "summary.json").unlink()
     more = train.run(longer, tmp_path / "run", allow_config_change=True)
     assert more["energy_j"] > summary["energy_j"]
+    # and the device it trained on, once: the same device before and after the resume
+    assert summary["device"] == more["device"] == provenance.device_name()
+    assert more["device"].startswith("cpu: ") and more["device"].endswith(f"× {jax.device_count()}")
+    assert (
+        provenance.device_name("gpu: NVIDIA H200 × 1") == f"gpu: NVIDIA H200 × 1 + {more['device']}"
+    )
 
 
 def test_a_resume_from_a_checkpoint_without_energy_says_so(tmp_path, smoke_config):
