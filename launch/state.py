@@ -261,6 +261,7 @@ class RunStatus:
     eval_loss: float | None = None  # the last eval loss (the final one once done)
     tokens: int | None = None  # once done: tokens trained and wall time (summary.json)
     wall_time_s: float | None = None
+    stacked: int = 1  # runs in the last attempt's job
 
 
 def _attempt_alive(attempt: dict[str, Any], slurm_alive: set[str] | None) -> bool:
@@ -325,6 +326,7 @@ def run_status(workdir: Path, slurm_alive: set[str] | None = None) -> RunStatus:
         eval_loss=_float(eval_loss),
         tokens=_float(summary.get("tokens")),
         wall_time_s=_float(summary.get("wall_time_s")),
+        stacked=int(last.get("stacked") or 1) if last else 1,
     )
 
 

@@ -86,7 +86,8 @@ def sweep_eta(
         if s.status == state.RUNNING and s.tokens_per_s:
             measured.setdefault(model, []).append(float(s.tokens_per_s))
         elif s.status == state.DONE and s.wall_time_s and s.tokens:
-            measured.setdefault(model, []).append(s.tokens / s.wall_time_s)
+            # a stacked job's runs each report the whole job's wall time: per lane, k runs' tokens
+            measured.setdefault(model, []).append(s.tokens * s.stacked / s.wall_time_s)
     rate = {m: statistics.median(v) for m, v in measured.items()}
     ratios = [
         rate[m] / calibration[m]["tokens_per_s"]
@@ -168,8 +169,10 @@ def format_table(
     compact: bool = False,
     width: int = 100,
     height: int = 30,
+    selected: set[str] | None = None,
 ) -> str:
-    """Plain-text table, then counts per status and the sweep's ETA.
+    """Plain-text table, then counts per status and the sweep's ETA (of the `selected` runs
+    only, when a launcher trains part of the sweep).
 
     Full: one line per run. Compact (fits `width` × `height`): runs labelled by the values of the
     overrides that differ between them, running, queued and failed runs first, done and pending
@@ -209,7 +212,9 @@ def format_table(
         + f"  (of {len(statuses)})"
     )
     if counts[state.DONE] < len(statuses):
-        lines.append(sweep_eta(record, statuses, calibration).text())
+        todo = statuses if selected is None else [s for s in statuses if s.run_id in selected]
+        eta = sweep_eta(record, todo, calibration).text()
+        lines.append(eta if selected is None else eta.replace("sweep eta", "eta of this launch", 1))
     return "\n".join(lines)
 
 

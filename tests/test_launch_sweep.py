@@ -371,6 +371,31 @@ def test_sweep_eta_and_compact_view(tmp_path):
     assert fresh.text().startswith("sweep eta unknown until a run reports its speed")
 
 
+def test_eta_counts_a_stacked_jobs_lane_and_only_the_selected_runs():
+    """A run that finished in a stack of 4 reports the job's wall time: its lane moved 4 runs'
+    tokens (5000 × 4 / 100 s = 200 tokens/s), so a pending run of 5000 tokens takes 25 s. A
+    launcher training part of the sweep (--only) counts only its own runs."""
+
+    def run_status(run_id, status, **kw):
+        fields = dict(attempts=1, failures=0, step=None, loss=None, tokens_per_s=None, error=None,
+                      open_attempt=None, active=False)  # fmt: skip
+        return state.RunStatus(run_id=run_id, status=status, **{**fields, **kw})
+
+    record = {"experiment": "e", "arg": None, "runs": [
+        {"run_id": r, "model": "m", "steps": 100, "tokens_per_step": 50} for r in "abc"
+    ]}  # fmt: skip
+    statuses = [
+        run_status("a", state.DONE, tokens=5000, wall_time_s=100.0, stacked=4),
+        run_status("b", state.PENDING),
+        run_status("c", state.PENDING),
+    ]
+    assert status.sweep_eta(record, statuses).seconds == pytest.approx(50.0)
+    assert status.sweep_eta(record, statuses[:2]).seconds == pytest.approx(25.0)
+    text = status.format_table(record, statuses, selected={"a", "b"})
+    assert text.splitlines()[-1].startswith("eta of this launch 0m25s")
+    assert status.format_table(record, statuses).splitlines()[-1].startswith("sweep eta 0m50s")
+
+
 def test_collect_writes_finished_runs(tmp_path):
     root = _fake_sweep_root(tmp_path)
     frame = collect.collect(root)

@@ -168,9 +168,10 @@ def _needs_work(s: state.RunStatus, max_retries: int) -> bool:
 class _Printer:
     """Redraws the table in place on a TTY; prints events and periodic tables otherwise."""
 
-    def __init__(self, out: IO[str], refresh_s: float):
+    def __init__(self, out: IO[str], refresh_s: float, selected: set[str] | None = None):
         self.out, self.refresh_s, self.last = out, refresh_s, 0.0
         self.tty = out.isatty()
+        self.selected = selected  # the runs this launcher trains (the ETA's), else all
 
     def event(self, text: str) -> None:
         if not self.tty:
@@ -186,8 +187,9 @@ class _Printer:
         calibration = status.read_calibration(root)
         statuses = status.sweep_statuses(root, record)
         text = status.format_table(
-            record, statuses, calibration, compact=True, width=size.columns, height=size.lines
-        )
+            record, statuses, calibration, compact=True, width=size.columns, height=size.lines,
+            selected=self.selected,
+        )  # fmt: skip
         if self.tty:
             self.out.write("\x1b[H\x1b[J")
         print(text, file=self.out, flush=True)
@@ -198,7 +200,7 @@ def run_local(sweep: Sweep, root: Path, options: LocalOptions, out: IO[str] = sy
     validate_jobs_threads(options.jobs, options.threads)
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    printer = _Printer(out, options.refresh_s)
+    printer = _Printer(out, options.refresh_s, {r.run_id for r in sweep.runs})
     lock = run_files.file_lock(root / ".launcher.lock", blocking=False)
     with signals.interrupts(), lock as locked:
         if not locked:
