@@ -103,3 +103,40 @@ def test_dynamic_and_srste_training_keep_their_invariants(overrides, smoke_confi
         assert (np.asarray(up)[~mask] == 0).all()
         changed = jax.tree.map(lambda a, b: (a != np.asarray(b)).any(), first_masks, state["masks"])
         assert any(jax.tree.leaves(changed))
+
+
+GPU_HOST_CHECK = """
+import json, math
+import jax
+from experiments import single_run
+from sparsescale import config as config_lib, step as step_lib
+
+cfg = config_lib.run_config(single_run.get_config("gpu_host"))
+trainer = step_lib.build(cfg, jax.devices())
+shapes = jax.tree.leaves(jax.eval_shape(trainer.init_fn))
+shardings = jax.tree.leaves(trainer.state_shardings)
+whole = sum(x.size * x.dtype.itemsize for x in shapes)
+per_device = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                 for x, s in zip(shapes, shardings, strict=True))
+print(json.dumps(dict(mesh=dict(trainer.mesh.shape), whole=whole, per_device=per_device)))
+"""
+
+
+def test_gpu_host_preset_splits_the_state_four_ways(run_env):
+    """experiments/single_run.py:gpu_host on 8 (fake) devices: the mesh is data × fsdp × tensor
+    = 2 × 2 × 2 and each device holds about a quarter of acc_1b's state (from shapes and
+    shardings; nothing runs). test_sharded_equals_single_device runs these axes in pairs (a
+    mesh of all three needs 8 devices, whose CPU collectives can time out on a loaded 2-core
+    machine)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", GPU_HOST_CHECK], env=run_env(8), timeout=600,
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["mesh"] == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert r["whole"] > 12e9  # 1B parameters: float32 values, masks and two AdamW moments
+    assert 0.24 * r["whole"] < r["per_device"] < 0.3 * r["whole"]
