@@ -8,15 +8,16 @@ Command:  python -m experiments.reproduce crossover --preset main   (the answer:
           `main` reuses them; an arm's --analyze-only reports every main record committed).
           Before it: `--preset lr` (the learning-rate grid), then `lr_800k` and `lr_1.8m`
           (6e-3 / 1.2e-2 / 2.4e-2 at the two largest sizes); after it, `lr_sparse` (does the
-          dense optimum hold at 87.5%?).
+          dense optimum hold at 87.5%?). On a GPU: `bash benchmarks/crossover_acc.sh` trains
+          `--preset acc` (1.8M–20M, see ACC_SIZES) and packs its records.
 Runtime:  smoke ≈ 1 min. lr: 35 dense runs, one process each (learning rates do not stack), on
           1 job × 1 thread: measured ≈ 1.5 h beside other work (the 332K runs 19 min each under
           load). lr_800k: 3 runs, measured ≈ 28 min each (2 jobs × 1 thread); lr_1.8m estimated
           ≈ 76 min a run. main_6k_330k: 144 runs in 21 stacked jobs, measured 58 min on
           2 jobs × 1 thread (a 332K job of 8 variants ≈ 16 min). main_800k: dense / 50 / 87.5% of seeds 0–1
-          measured ≈ 2.4 s a step alone (≈ 34 min a run, 2 jobs × 1 thread; 75 / 93.75% and seed 2
-          not run). main_1.8m:
-          not run.
+          measured ≈ 2.4 s a step alone (≈ 34 min a run, 2 jobs × 1 thread). main_1.8m:
+          not run. acc (one H200, not yet run): estimated 5–8 min, from 1.2e17 FLOPs of dense
+          steps (masked sparsity costs a dense step) at 40% of the bf16 peak plus start-ups.
 Design:   matched in steps: every run, at every size, takes STEPS = 850 optimizer steps, and the
           batch (sequences of 128 bytes) grows with size so each sees ≈ 21 tokens per
           non-embedding parameter (`batch_for`; whole sequences give 17.5 at 6K and 23.4 at 12K, with
