@@ -76,7 +76,8 @@ def sweep_eta(
     over wall time, so start-up and evaluation are included); for a model with no run measured
     yet, at its calibrated rate (`calibration.json`, `launch calibrate`) scaled by how the
     measured models compare with their calibration. The work is shared by the runs training now
-    (`lanes`). Failed runs are not counted (retries are not certain)."""
+    (`lanes`). A model with neither takes its steps' FLOPs (`step_flops` in sweep.json) at the
+    FLOP rate the measured runs reach. Failed runs are not counted (retries are not certain)."""
     runs = {r["run_id"]: r for r in record["runs"]}
     calibration = calibration or {}
     measured: dict[str, list[float]] = {}
@@ -89,13 +90,21 @@ def sweep_eta(
             # a stacked job's runs each report the whole job's wall time: per lane, k runs' tokens
             measured.setdefault(model, []).append(s.tokens * s.stacked / s.wall_time_s)
     rate = {m: statistics.median(v) for m, v in measured.items()}
+    flop_rates = [  # FLOP/s per lane of each measured model, for the models nobody measured
+        rate[_model_of(runs[s.run_id])]
+        * runs[s.run_id]["step_flops"]
+        / runs[s.run_id]["tokens_per_step"]
+        for s in statuses
+        if _model_of(runs[s.run_id]) in rate and runs[s.run_id].get("step_flops")
+    ]
+    flop_rate = statistics.median(flop_rates) if flop_rates else None
     ratios = [
         rate[m] / calibration[m]["tokens_per_s"]
         for m in rate
         if isinstance(calibration.get(m), dict) and calibration[m].get("tokens_per_s")
     ]
     correction = statistics.median(ratios) if ratios else 1.0
-    running_s, work_s, unknown, used_calibration = [], 0.0, 0, False
+    running_s, work_s, unknown, used_calibration, used_flops = [], 0.0, 0, False, False
     for s in statuses:
         run = runs[s.run_id]
         if s.status == state.RUNNING:
@@ -115,6 +124,9 @@ def sweep_eta(
         elif isinstance(calibration.get(model), dict) and calibration[model].get("tokens_per_s"):
             work_s += tokens / (calibration[model]["tokens_per_s"] * correction)
             used_calibration = True
+        elif flop_rate and run.get("step_flops"):
+            work_s += tokens / run["tokens_per_step"] * run["step_flops"] / flop_rate
+            used_flops = True
         else:
             unknown += 1
     lanes = sum(s.status == state.RUNNING for s in statuses) or None
@@ -122,6 +134,8 @@ def sweep_eta(
     source = "measured rates"
     if used_calibration:
         source += f" and calibration × {correction:.2g}" if ratios else " and calibration"
+    if used_flops:
+        source += " and FLOPs at the measured FLOP rate"
     return SweepEta(seconds, lanes, unknown, source)
 
 

@@ -326,6 +326,12 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _step_flops(config: ml_collections.ConfigDict, steps: int) -> float:
+    from sparsescale.accounting import estimate_cost
+
+    return estimate_cost(config)["dense_train_flops"] / steps
+
+
 def sweep_record(sweep: Sweep) -> dict[str, Any]:
     return {
         "experiment": sweep.experiment,
@@ -339,6 +345,8 @@ def sweep_record(sweep: Sweep) -> dict[str, Any]:
                 "overrides": {k: _jsonable(v) for k, v in run.overrides.items()},
                 "steps": run.steps,
                 "tokens_per_step": run.tokens_per_step,
+                # what one step computes (masked sparsity runs dense): the ETA's cost model
+                "step_flops": _step_flops(config, run.steps),
                 "resources": dataclasses.asdict(run.resources),
             }
             for run, config in zip(sweep.runs, sweep.configs, strict=True)

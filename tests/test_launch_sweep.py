@@ -394,6 +394,15 @@ def test_eta_counts_a_stacked_jobs_lane_and_only_the_selected_runs():
     text = status.format_table(record, statuses, selected={"a", "b"})
     assert text.splitlines()[-1].startswith("eta of this launch 0m25s")
     assert status.format_table(record, statuses).splitlines()[-1].startswith("sweep eta 0m50s")
+    # a model nobody measured or calibrated: its steps' FLOPs at the measured FLOP rate (m: 200
+    # tokens/s = 4 steps/s of 1000 FLOPs; big: 100 steps of 2000 FLOPs at 4000 FLOP/s = 50 s)
+    for run in record["runs"]:
+        run["step_flops"] = 1000.0
+    record["runs"].append({"run_id": "d", "model": "big", "steps": 100, "tokens_per_step": 50,
+                           "step_flops": 2000.0})  # fmt: skip
+    eta = status.sweep_eta(record, [*statuses, run_status("d", state.PENDING)])
+    assert eta.seconds == pytest.approx(100.0) and eta.unknown == 0
+    assert eta.source == "measured rates and FLOPs at the measured FLOP rate"
 
 
 def test_collect_writes_finished_runs(tmp_path):
