@@ -27,7 +27,7 @@ log() { echo "[crossover_acc.sh $(($(date +%s) - START))s] $*"; }
 
 if [ -n "${WHEELHOUSE:-}" ]; then
   log "installing the project from $WHEELHOUSE"
-  "$PY" -m pip install --quiet --no-index --find-links "$WHEELHOUSE" -e . || log "WARNING: install failed"
+  "$PY" -m pip install --quiet --no-index --find-links "$WHEELHOUSE" -e ".[all]" || log "WARNING: install failed"
 fi
 "$PY" - <<'EOF' || exit 2
 import importlib.util

@@ -5,7 +5,7 @@
 #     bash benchmarks/device.sh            # writes $OUT/device_gpu.json (OUT defaults to benchmarks/results)
 #
 # 1. installs JAX with CUDA (jax[cuda12]==0.10.2, the pinned version) if the JAX here has no GPU,
-#    and the project (`pip install -e .`, no extras); with WHEELHOUSE=<dir of wheels> pip installs
+#    and the project with the trainer (`pip install -e ".[train]"`); with WHEELHOUSE=<dir of wheels> pip installs
 #    from that folder only (for a machine without network). A failed install is reported and the
 #    benchmark still runs: the kernel cases need only JAX and numpy (device.py puts the repository
 #    on sys.path); a case whose imports are missing records the error in the JSON.
@@ -41,8 +41,8 @@ if ! gpu_jax; then
   log "JAX has no accelerator here: installing jax[cuda12]==$JAX_VERSION"
   "${PIP[@]}" "jax[cuda12]==$JAX_VERSION" || log "WARNING: installing jax[cuda12] failed"
 fi
-log "installing the project (pip install -e ., no extras)"
-if ! "${PIP[@]}" -e .; then
+log "installing the project with the trainer (pip install -e .[train])"
+if ! "${PIP[@]}" -e ".[train]"; then
   log "WARNING: pip install -e . failed; trying without dependencies (kernel cases need only JAX)"
   "${PIP[@]}" --no-deps --no-build-isolation -e . || log "WARNING: that failed too; running from the tree"
 fi

@@ -102,3 +102,39 @@ def test_readme_cheap_commands_succeed(tmp_path):
     for args in runs:
         done = subprocess.run(args, cwd=README.parent, env=env, capture_output=True, text=True)
         assert done.returncode == 0, (shlex.join(args), done.stderr[-2000:])
+
+
+CORE_ONLY = """
+import importlib.abc, sys
+
+# (scipy is left importable: jax itself requires it)
+EXTRAS = {"orbax", "tensorflow_datasets", "array_record", "grain", "ml_collections",
+          "tensorboardX", "threadpoolctl", "submitit", "pandas", "pyarrow", "matplotlib"}
+
+class NotInstalled(importlib.abc.MetaPathFinder):  # what `pip install sparsescale` leaves out
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in EXTRAS:
+            raise ModuleNotFoundError(f"No module named {name!r} (not in the core)")
+
+sys.meta_path.insert(0, NotInstalled())
+namespace = {"__name__": "readme"}
+for block in BLOCKS:
+    exec(compile(block, "README.md", "exec"), namespace)
+print("losses", namespace["losses"][0], namespace["losses"][-1])
+"""
+
+
+def test_the_sparse_layers_need_only_the_core_dependencies():
+    """The reuse section runs with none of the extras' packages importable (pyproject's core:
+    jax, flax, optax, numpy)."""
+    import tomllib
+
+    project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+    core = {re.split(r"[<>=\[]", d)[0] for d in project["dependencies"]}
+    assert core == {"jax", "jaxlib", "flax", "optax", "numpy"}
+    code = f"BLOCKS = {section_code(SECTION)!r}\n{CORE_ONLY}"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, last = map(float, done.stdout.split("losses")[-1].split())
+    assert last < 0.7 * first
