@@ -126,6 +126,14 @@ def _value_axis(ax) -> None:
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
+def _slope_text(name: str, value: float, lo: float, hi: float) -> str:
+    """ "γ=0.12 [0.05, 0.2]"; "(one seed)" without an interval; "not fitted" without a value."""
+    if not np.isfinite(value):
+        return f"{name} not fitted"
+    interval = f"[{lo:.2g}, {hi:.2g}]" if np.isfinite(lo) and np.isfinite(hi) else "(one seed)"
+    return f"{name}={value:.2g} {interval}"
+
+
 def plot_gap_vs_budget(
     cells: pd.DataFrame, budget: pd.DataFrame, path=None, subtitles=None
 ) -> plt.Figure:
@@ -146,7 +154,7 @@ def plot_gap_vs_budget(
             r = row.iloc[0]
             err = np.stack([pts["gap"] - pts["lo"], pts["hi"] - pts["gap"]])
             err = np.where(np.isfinite(err), err, 0).clip(0)
-            label = f"S={s:g}, γ={r['gamma']:.2g} [{r['lo']:.2g}, {r['hi']:.2g}]"
+            label = f"S={s:g}, " + _slope_text("γ", r["gamma"], r["lo"], r["hi"])
             ax.errorbar(pts["tokens"] / size, pts["gap"], yerr=err, fmt="o-", ms=4, lw=1,
                         color=color, label=label, zorder=3)  # fmt: skip
         ax.set(xscale="log", xlabel="tokens per non-embedding parameter D/N",
@@ -198,7 +206,7 @@ def plot_loss_gap(
                     n = np.geomspace(pts[SIZE].min(), pts[SIZE].max(), 50)
                     ax.plot(n, np.exp(r["log_g"]) * n ** -r["beta"], color=color, lw=1.2)
                     fitted = True
-                    label += f", β={r['beta']:.2g} [{r['lo']:.2g}, {r['hi']:.2g}]"
+                    label += ", " + _slope_text("β", r["beta"], r["lo"], r["hi"])
             ax.errorbar(
                 pts[SIZE], pts["gap"], yerr=err, fmt="o", ms=4, color=color, label=label, zorder=3
             )

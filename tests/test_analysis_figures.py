@@ -172,3 +172,69 @@ def test_local_slope_figure_draws_each_level_with_its_seed_interval(tmp_path):
         np.testing.assert_allclose(line.get_ydata(), betas)
         x = np.asarray(line.get_xdata())
         assert np.allclose(x / np.array([np.sqrt(1e9), np.sqrt(1e11)]), x[0] / np.sqrt(1e9))
+
+
+def _audit(fig) -> list[str]:
+    """What a reader would trip on: a title or label outside the figure, a text reading 'nan',
+    two series of one axes in the same colour."""
+    import matplotlib.colors as mcolors
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    problems = []
+    canvas = FigureCanvasAgg(fig)  # the figure may have been closed after saving
+    canvas.draw()
+    renderer, box = canvas.get_renderer(), fig.bbox
+    from matplotlib.text import Text
+
+    texts = [t for t in fig.findobj(Text) if t.get_visible()]
+    ticks = {id(t) for ax in fig.axes for t in [*ax.get_xticklabels(which="both"),
+                                               *ax.get_yticklabels(which="both")]}  # fmt: skip
+    for t in texts:
+        text = t.get_text()
+        if re.search(r"\bnan\b", text, re.IGNORECASE):
+            problems.append(f"reads nan: {text!r}")
+        if text.strip() and id(t) not in ticks:  # (tick labels outside the view are not drawn)
+            extent = t.get_window_extent(renderer)
+            if extent.x0 < box.x0 - 1 or extent.x1 > box.x1 + 1:
+                problems.append(f"cut off at the figure's edge: {text!r}")
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        seen = {}
+        for handle, label in zip(legend.legend_handles, legend.get_texts(), strict=False):
+            colour = getattr(handle, "get_color", None) or getattr(handle, "get_facecolor", None)
+            if colour is None:
+                continue
+            value = colour()
+            value = value[0] if np.ndim(value) == 2 and len(value) else value
+            key = mcolors.to_hex(value) if len(np.atleast_1d(value)) else None
+            if key and key in seen and key not in ("#000000", "#808080"):
+                problems.append(
+                    f"{ax.get_title()!r}: {label.get_text()!r} and {seen[key]!r} share {key}"
+                )
+            seen.setdefault(key, label.get_text())
+    return problems
+
+
+def test_every_figure_says_what_it_shows(tmp_path, monkeypatch):
+    """Every figure of a synthetic report (and the published ViT and T5 ones): no text reading
+    'nan', no title or label cut off at the edge, each series of an axes in its own colour."""
+    from analysis import figures
+
+    drawn = {}
+    save = figures.save
+
+    def keep(fig, path):
+        drawn[str(path)] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "save", keep)
+    csv = tmp_path / "results.csv"
+    _synthetic_sweep().to_csv(csv, index=False)
+    cli.main(["--results", str(csv), "--out", str(tmp_path / "out"), "--n-boot", "4"])
+    for name in ("vit", "t5"):
+        cli.main(["--published", name, "--out", str(tmp_path / name), "--n-boot", "4"])
+    assert len(drawn) >= len(FIGURES)
+    problems = {path: p for path, fig in drawn.items() if (p := _audit(fig))}
+    assert not problems, problems
