@@ -41,7 +41,8 @@ def main(argv=None) -> list[Path]:
     if args.published:
         df = load.load_frantar(args.published_dir, args.published)
         cfg = report.PUBLISHED_FIT_CONFIGS[args.published]
-        title = f"Frantar et al. (2024) published {args.published.upper()} runs"
+        name = {"t5": "T5 on C4", "vit": "ViT on JFT-4B"}[args.published]
+        title = f"Frantar et al. (2024), published {name} runs"
     else:
         df = load.load_results(args.results)
         cfg = report.DEFAULT_FIT_CONFIG

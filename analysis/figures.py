@@ -253,6 +253,11 @@ def plot_tolerance(table: pd.DataFrame, path=None, subtitles=None) -> plt.Figure
     their seed interval; censored ones as ▼ at s_min (S* below it) or ▲ at s_max (above)."""
     if table.empty:
         raise ValueError("no tolerance table to draw")
+    if not (table["status"] == "bracketed").any():
+        raise ValueError(
+            "no S* lies between two tested sparsities (every one is censored; the table gives "
+            "the bounds), so a figure would show only the bounds"
+        )
     keys = _panel_keys(table)
     tols = list(dict.fromkeys(table["tolerance"]))
     fig, axes = plt.subplots(

@@ -392,6 +392,7 @@ def describe_regimes(df: pd.DataFrame) -> dict[str, dict]:
         seed_text += f" ({', '.join(others)})" if others else ""
         d = sub["tokens"]
         d_text = f"D = {d.min():.3g}" + (f"–{d.max():.3g}" if d.nunique() > 1 else "")
+        unit = str(sub["data_unit"].iloc[0]) if "data_unit" in sub else "tokens"  # ViT: images
         short_seeds = f"seeds: {common}" + (
             f" ({', '.join(f'{n} at {short_size(size)}' for size, n in seeds.items() if n != common)})"
             if others
@@ -399,9 +400,9 @@ def describe_regimes(df: pd.DataFrame) -> dict[str, dict]:
         )
         out[str(regime)] = {
             "title": ("" if str(regime).startswith("D = ") else f"{regime}: ")
-            + f"{d_text} tokens\n{_span(tpp, '.2g')} tokens/param, {short_seeds}",
-            "description": f"{regime}: {d_text} tokens, {_span(tpp, '.3g')} tokens per non-embedding "
-            f"parameter, {seed_text}",
+            + f"{d_text} {unit}\n{_span(tpp, '.2g')} {unit}/param, {short_seeds}",
+            "description": f"{regime}: {d_text} {unit}, {_span(tpp, '.3g')} {unit} per "
+            f"non-embedding parameter, {seed_text}",
             "tokens_per_param": [float(tpp.min()), float(tpp.max())],
             "seeds_per_size": {float(k): int(v) for k, v in seeds.items()},
         }

@@ -227,6 +227,7 @@ def load_frantar(
             "tokens": tokens.to_numpy(float),
             "eval_loss": raw["val_loss"].to_numpy(float),
             "task": _FRANTAR_DATASETS[dataset],
+            "data_unit": "tokens" if is_t5 else "images",  # what D counts (figure labels)
             "status": raw["split"].to_numpy(str),
         }
     )

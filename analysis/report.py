@@ -140,6 +140,7 @@ class Report:
     fit_config: FitConfig
     tolerances: tuple[gap.Tolerance, ...]
     n_boot_runs: int
+    title: str = ""  # printed under every figure: whose runs it shows
     lines: list[str] = dataclasses.field(default_factory=list)
     data: dict = dataclasses.field(default_factory=dict)
     skipped: list[str] = dataclasses.field(default_factory=list)
@@ -151,10 +152,13 @@ class Report:
 
     def figure(self, name: str, caption: str, fn, *args, **kwargs) -> None:
         try:
-            fig = fn(*args, path=self.out / "figures" / name, **kwargs)
+            fig = fn(*args, path=None, **kwargs)
         except ValueError as e:
             self.skipped.append(f"{caption}: {e}")
             return
+        if self.title:
+            fig.text(0.005, 0.005, self.title, fontsize=7, color="0.35", ha="left", va="bottom")
+        figures.save(fig, self.out / "figures" / name)
         plt.close(fig)
         self.add(f"![{caption}](figures/{name}.png)", f"*{caption}* ([pdf](figures/{name}.pdf))")
 
@@ -201,7 +205,7 @@ def build_report(
         raise ValueError("prunable_fraction is taken per size from the runs; pass None")
     if tol is not None and tol not in tolerances:
         tolerances = (tol, *tolerances)
-    rep = Report(Path(out_dir), fit_config, tuple(tolerances), n_boot_runs)
+    rep = Report(Path(out_dir), fit_config, tuple(tolerances), n_boot_runs, title)
     (rep.out / "figures").mkdir(parents=True, exist_ok=True)
     for stale in [*(rep.out / "figures").glob("*.png"), *(rep.out / "figures").glob("*.pdf")]:
         stale.unlink()  # a figure the data no longer support must not survive a rerun

@@ -207,9 +207,12 @@ def test_tolerance_figure_shows_every_tested_level():
     low = _sweep(np.random.default_rng(8), beta=0.3, noise=0.0, shared=0.0)
     low = low[low["sparsity"] == LEVELS[0]].assign(sparsity=0.25)  # a low tested level
     table = gap.tolerance_table(gap.paired_gaps(pd.concat([df, low])), (gap.Tolerance(1e-4),))
+    assert (table["status"] == "below").all() and table["s_star"].min() == 0.25
+    with pytest.raises(ValueError, match="censored"):  # only bounds: not drawn
+        figures.plot_tolerance(table)
+    table.loc[table.index[-1], ["status", "s_star", "lo", "hi"]] = ["bracketed", 0.8, 0.78, 0.82]
     fig = figures.plot_tolerance(table)
     bottom, top = fig.axes[0].get_ylim()
-    assert (table["status"] == "below").all() and table["s_star"].min() == 0.25
     assert bottom < 0.25 < top
 
 
