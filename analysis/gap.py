@@ -196,36 +196,48 @@ def local_slopes(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def effective_sizes(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
-    """N_eff / N per (task, regime, size, S): N_eff is the dense size whose loss equals the sparse
-    run's, read off the same seed's dense curve (log N linear in the loss between adjacent
-    measured sizes; the dense losses must fall with N). Mean and t-interval over seeds. A sparse
-    loss above the smallest size's dense loss has no N_eff inside the measured range: such seeds
-    are counted in `n_below` and left out (never extrapolated). A ratio < 1: sparsity cost that
-    many dense parameters; flat in N: sparsity costs a fixed fraction of size."""
+def effective_ratios(pairs: pd.DataFrame) -> pd.DataFrame:
+    """N_eff / N per sparse run (task, regime, size, S, seed): N_eff is the dense size whose loss
+    equals the sparse run's, read off the same seed's dense curve (log N linear in the loss
+    between adjacent measured sizes; the dense losses must fall with N). A sparse loss above the
+    smallest size's dense loss has no N_eff inside the measured range: `below` is True and the
+    ratio NaN (never extrapolated). Seeds without a falling dense curve are left out."""
     rows = []
     for (task, regime), cell in pairs.groupby(["task", "regime"]):
         curves = {
             seed: sub.drop_duplicates(SIZE).sort_values(SIZE) for seed, sub in cell.groupby("seed")
         }
-        for (size, s), sub in cell.groupby([SIZE, "sparsity"]):
-            ratios, below = [], 0
-            for row in sub.itertuples():
-                curve = curves[row.seed]
-                dense = curve["dense_loss"].to_numpy(float)
-                log_n = np.log(curve[SIZE].to_numpy(float))
-                if len(dense) < 2 or (np.diff(dense) >= 0).any():
-                    continue  # no falling dense curve for this seed
-                if row.loss > dense[0]:
-                    below += 1
-                    continue
-                log_eff = np.interp(-row.loss, -dense, log_n)  # np.interp needs rising x
-                ratios.append(float(np.exp(log_eff) / size))
-            mean, lo, hi = _mean_interval(ratios, ci_level)
+        for row in cell.itertuples():
+            curve = curves[row.seed]
+            dense = curve["dense_loss"].to_numpy(float)
+            log_n = np.log(curve[SIZE].to_numpy(float))
+            if len(dense) < 2 or (np.diff(dense) >= 0).any():
+                continue  # no falling dense curve for this seed
+            size = getattr(row, SIZE)
+            below = bool(row.loss > dense[0])
+            log_eff = np.nan if below else np.interp(-row.loss, -dense, log_n)  # rising x
             rows.append(
-                {"task": task, "regime": regime, SIZE: size, "sparsity": s, "ratio": mean,
-                 "lo": lo, "hi": hi, "n_seeds": len(ratios), "n_below": below}
+                {"task": task, "regime": regime, SIZE: size, "sparsity": row.sparsity,
+                 "seed": row.seed, "ratio": float(np.exp(log_eff) / size), "below": below}
             )  # fmt: skip
+    columns = ["task", "regime", SIZE, "sparsity", "seed", "ratio", "below"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def effective_sizes(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
+    """N_eff / N per (task, regime, size, S) (`effective_ratios`): mean and t-interval over
+    seeds; seeds whose N_eff would lie below the smallest size are counted in `n_below` and left
+    out. A ratio < 1: sparsity cost that many dense parameters; flat in N: sparsity costs a fixed
+    fraction of size."""
+    rows = []
+    ratios = effective_ratios(pairs)
+    for (task, regime, size, s), sub in ratios.groupby(["task", "regime", SIZE, "sparsity"]):
+        inside = sub[~sub["below"]]
+        mean, lo, hi = _mean_interval(list(inside["ratio"]), ci_level)
+        rows.append(
+            {"task": task, "regime": regime, SIZE: size, "sparsity": s, "ratio": mean,
+             "lo": lo, "hi": hi, "n_seeds": len(inside), "n_below": int(sub["below"].sum())}
+        )  # fmt: skip
     return pd.DataFrame(rows)
 
 

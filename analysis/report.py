@@ -74,18 +74,20 @@ def fmt(x) -> str:
     return f"{float(x):.4g}"
 
 
+def interval_text(value: float, lo: float, hi: float, spec: str = ".3f") -> str:
+    """ "value [lo, hi]", "value (one seed)" without an interval, "–" without a value."""
+    if not np.isfinite(value):
+        return "–"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{value:{spec}} (one seed)"
+    return f"{value:{spec}} [{lo:{spec}}, {hi:{spec}}]"
+
+
 def by_size_table(frame: pd.DataFrame, index: list[str], value: str, size: str) -> pd.DataFrame:
     """One row per `index`, one column per size: "`value` [lo, hi]" (the frame's lo/hi), or
     "`value` (one seed)" where there is no interval."""
     cells = frame.assign(
-        cell=[
-            "–"
-            if not np.isfinite(v)
-            else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
-            if np.isfinite(lo)
-            else f"{v:.3f} (one seed)"
-            for v, lo, hi in frame[[value, "lo", "hi"]].values
-        ]
+        cell=[interval_text(v, lo, hi) for v, lo, hi in frame[[value, "lo", "hi"]].values]
     )
     wide = cells.pivot_table(index=index, columns=size, values="cell", aggfunc="first")
     wide.columns = [f"N = {gap.short_size(n)}" for n in wide.columns]

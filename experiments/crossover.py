@@ -294,7 +294,8 @@ def write_turning(results, path):
     from analysis import report as report_lib
 
     pairs = gap.paired_gaps(results)
-    table = gap.local_slopes(pairs).drop(columns=["task", "regime"])
+    local = gap.local_slopes(pairs)
+    table = local.drop(columns=["task", "regime"])
     figures.plot_local_slopes(table, path.parent / "figures" / "local_slopes")
     sizes = gap.effective_sizes(pairs)
     below = sizes.groupby(SIZE_COLUMN)["n_below"].max()
@@ -324,7 +325,101 @@ def write_turning(results, path):
             report_lib.by_size_table(within, ["sparsity"], "ratio", SIZE_COLUMN)
         ),
         "",
+        *_turning_sections(results, pairs, local),
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text))
     return path
+
+
+def _turning_sections(results, pairs, local) -> list[str]:
+    """turning.md's curvature, turning size, per-range verdict, N_eff trend and average-parameter
+    sections (analysis/turning.py)."""
+    import pandas as pd
+
+    from analysis import report as report_lib
+    from analysis import turning
+
+    cfg = get_config("main")
+    schedule = cfg.sparsity.schedule
+    share = turning.schedule_mean_share(schedule.start, schedule.end, schedule.power)
+    turns = turning.turning_sizes(pairs, local)
+    curv = turning.curvature(pairs).set_index("sparsity")
+    shape_rows = [
+        {
+            "sparsity": r.sparsity,
+            "curvature": report_lib.interval_text(
+                *curv.loc[r.sparsity, ["curvature", "lo", "hi"]], ".3g"
+            ),
+            "shape": r.shape,
+            "N*": report_lib.interval_text(r.n_star, r.lo, r.hi, ".3g"),
+            "local slopes change sign between": r.bracket or "–",
+            "status": r.status,
+        }
+        for r in turns.itertuples()
+    ]
+    ranges = turning.size_ranges(local).drop(columns=["task", "regime"])
+    trend = turning.neff_trend(pairs)
+    trend_rows = [
+        {"sparsity": r.sparsity, "slope of log(N_eff/N) in log N": report_lib.interval_text(r.slope, r.lo, r.hi, ".3g"),
+         "mean N_eff/N": f"{r.mean_ratio:.3f}", "trend": r.trend, "n_seeds": r.n_seeds,
+         "n_sizes": r.n_sizes}
+        for r in trend.itertuples()
+    ]  # fmt: skip
+    avg = turning.average_parameters(pairs, results, share)
+    predicted = avg.groupby("sparsity")["predicted"].agg(["min", "max"])
+    return [
+        "## Curvature and the turning size",
+        "",
+        "A quadratic in log N fitted to log ΔL within each seed (≥ 3 sizes); curvature: mean "
+        "[95% t-interval over seeds]; 'hump' (the gap rises, then falls) or 'valley' only where "
+        "it excludes 0. N*: the vertex of the quadratic through the seed-mean gaps, with a "
+        "bootstrap interval over seeds (2000 resamples; with 3 seeds only 10 resamples differ, "
+        "so the interval is coarse); reported only inside the measured sizes. The last column "
+        "but one: the measured sizes between which the local slopes (above) change from one "
+        "verdict to the opposite.",
+        "",
+        report_lib.markdown_table(pd.DataFrame(shape_rows)),
+        "",
+        "## Verdict per size range",
+        "",
+        "The adjacent-size verdicts above merged into ranges; a claim only where the ranges at "
+        "the ends of the measured sizes support it.",
+        "",
+        report_lib.markdown_table(ranges),
+        "",
+        "## Is N_eff / N constant in N?",
+        "",
+        "Frantar et al.'s law has N_eff = k(S)·N: a slope of 0. Slope of log(N_eff/N) against log "
+        "N within each seed (sizes with an N_eff), mean [95% t-interval over seeds]; 'falling' / "
+        "'rising' only where the interval excludes 0.",
+        "",
+        report_lib.markdown_table(pd.DataFrame(trend_rows)),
+        "",
+        "## The average-parameter check (Jin et al., ICLR 2025)",
+        "",
+        "Jin et al. find that a gradually pruned model's loss follows its parameter count "
+        f"averaged over training: under this schedule N_avg / N = 1 − {share:g}·S·f (f: the "
+        "prunable share of N, "
+        + ", ".join(
+            f"S = {s:g}: {p['min']:.3f}"
+            + (f"–{p['max']:.3f}" if p["max"] - p["min"] > 5e-4 else "")
+            for s, p in predicted.iterrows()
+        )
+        + "). Measured N_eff / N over that prediction, mean [95% interval over seeds] (1: the "
+        "rule holds; > 1: the run is worth more than its average count):",
+        "",
+        report_lib.markdown_table(
+            report_lib.by_size_table(
+                avg.assign(
+                    ratio=avg["measured_over_predicted"],
+                    lo=avg["lo"] / avg["predicted"],
+                    hi=avg["hi"] / avg["predicted"],
+                ),
+                ["sparsity"],
+                "ratio",
+                SIZE_COLUMN,
+            )
+        ),  # fmt: skip
+        "",
+    ]
