@@ -182,7 +182,8 @@ def neff_trend(pairs: pd.DataFrame, ci_level: float = 0.95) -> pd.DataFrame:
              "mean_ratio": float(sub["ratio"].mean()), "n_seeds": len(slopes),
              "n_sizes": sub[SIZE].nunique(), "trend": trend}
         )  # fmt: skip
-    return pd.DataFrame(rows)
+    columns = [*CELL_KEYS, "slope", "lo", "hi", "mean_ratio", "n_seeds", "n_sizes", "trend"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def schedule_mean_share(start: float, end: float, power: float) -> float:
@@ -211,4 +212,6 @@ def average_parameters(
              "hi": hi, "predicted": predicted, "measured_over_predicted": mean / predicted,
              "n_seeds": len(sub)}
         )  # fmt: skip
-    return pd.DataFrame(rows)
+    columns = ["task", "regime", SIZE, "sparsity", "ratio", "lo", "hi", "predicted",
+               "measured_over_predicted", "n_seeds"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
