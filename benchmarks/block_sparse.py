@@ -11,8 +11,8 @@
    masked vs block path vs dense, stepped in alternation; plus the share of the step the pruned
    layers take (their masked fwd+bwd timed alone), which bounds the whole-step gain (Amdahl).
 
-Writes the package's tuning data `sparsescale/tuning/block_sparse_<backend>.json` (with the machine
-it was measured on; the trainer reads the break-even densities from it through `sparsescale.tuning`)
+Writes the package's benchmarked machine data `sparsescale/benchmarked/block_sparse_<backend>.json` (with the machine
+it was measured on; the trainer reads the break-even densities from it through `sparsescale.benchmarked`)
 and the figure `benchmarks/results/block_sparse_<backend>.png`; `--out PATH` writes the record to
 PATH and the figure beside it instead (another machine's measurement, leaving the trainer's data as
 it is). Ratios are measured within one process.
@@ -344,7 +344,7 @@ def main():
     import jax
 
     from benchmarks import common
-    from sparsescale import tuning
+    from sparsescale import benchmarked
 
     start = time.time()
     m = 4096
@@ -355,7 +355,7 @@ def main():
         shapes, blocks, sparsities = shapes[:2], blocks[1:3], [0.0, 0.5, 0.75]
     repeats = 3 if args.quick else 5
     name = f"block_sparse_{jax.default_backend()}"
-    saved = tuning.load(name) if args.skip_layers or args.presets else None
+    saved = benchmarked.load(name) if args.skip_layers or args.presets else None
     if args.skip_layers:  # keep the layer rows of the last full run
         layers_out = saved["layers"]
     else:
@@ -379,7 +379,7 @@ def main():
         cases = [c for c in cases if c[0] in chosen]
         kept = [r for r in saved["train_steps"] if r["preset"] not in chosen]
     steps = kept + step_rows(cases, 3 if args.quick else 6)
-    path = tuning.write(
+    path = benchmarked.write(
         name,
         {
             "backend": jax.default_backend(),

@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sparsescale import tuning
+from sparsescale import benchmarked
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,6 +49,6 @@ def matmul_flops_per_s(n: int = 1024, repeats: int = 10) -> float:
 
 def write(name: str, payload: dict, out: str | Path | None = None) -> Path:
     """Writes `payload` to `out` (default benchmarks/results/<name>_<backend>.json) atomically,
-    with the time, the machine and the code version that measured it (`tuning.write`)."""
+    with the time, the machine and the code version that measured it (`benchmarked.write`)."""
     out = Path(out) if out else RESULTS / f"{name}_{jax.default_backend()}.json"
-    return tuning.write(name, payload, out)
+    return benchmarked.write(name, payload, out)

@@ -7,8 +7,8 @@ compile) and steady step time. As in a sweep, workers share JAX's persistent com
 worker runs first alone and compiles (`startup_cold_s`: the first job of a shape), the timed
 workers then load its step from the cache (`startup_s`: every later job that differs only in seed
 or target). Throughput is variant-steps per second over all workers; the sweep
-figure adds the start-up cost to `--run-steps`-step runs. Writes the package's tuning data
-`sparsescale/tuning/stacking.json` (with the machine it was measured on);
+figure adds the start-up cost to `--run-steps`-step runs. Writes the package's benchmarked machine data
+`sparsescale/benchmarked/stacking.json` (with the machine it was measured on);
 the launcher (`launch/planner.py`) stacks as many runs per process as was fastest for the nearest
 measured size.
 
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from launch.backends import local
-from sparsescale import tuning
+from sparsescale import benchmarked
 
 SPARSITIES = (0.0, 0.5, 0.75, 0.875, 0.9375)
 
@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per worker")
     parser.add_argument("--run-steps", type=int, default=300, help="run length for sweep figures")
     parser.add_argument("--batch-size", type=int, default=8, help="fig1 quick's batch")
-    parser.add_argument("--out", type=Path, default=tuning.path("stacking"))
+    parser.add_argument("--out", type=Path, default=benchmarked.path("stacking"))
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -157,7 +157,7 @@ def main() -> None:
         top = max(trials, key=lambda t: t["sweep_variant_steps_per_s"])
         rows.append({"model": preset, "n_params": n_params, "trials": trials})
         best.append({"model": preset, "n_params": n_params, "stack": top["stack"]})
-    tuning.write(
+    benchmarked.write(
         "stacking",
         {
             "benchmark": "stacking",

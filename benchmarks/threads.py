@@ -5,7 +5,7 @@ runs including compilation, as a sweep would) through the local backend for ever
 split, `--repeats` times interleaved, and writes the best wall time per split and the fastest split
 to JSON; `python -m launch run` reads it.
 
-  python benchmarks/threads.py [--preset smoke --steps 40 --runs 2] [--out sparsescale/tuning/threads.json]
+  python benchmarks/threads.py [--preset smoke --steps 40 --runs 2] [--out sparsescale/benchmarked/threads.json]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from launch.backends import local
 from launch.sweep import expand
-from sparsescale import run_files, tuning
+from sparsescale import benchmarked, run_files
 
 EXPERIMENT = """
 from experiments import single_run as train
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--runs", type=int, default=2, help="runs per split (a multiple of cores)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; min is kept")
-    parser.add_argument("--out", type=Path, default=tuning.path("threads"))
+    parser.add_argument("--out", type=Path, default=benchmarked.path("threads"))
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     cores = len(local.available_cpus())
@@ -98,7 +98,7 @@ def main() -> None:
         "speedup_best_vs_slowest": slowest["wall_s"] / best["wall_s"],
         "note": "whole runs incl. compilation; best of the repeats per split",
     }
-    tuning.write("threads", record, args.out)
+    benchmarked.write("threads", record, args.out)
     print(f"best: {best['jobs']} jobs x {best['threads']} threads -> {args.out}", file=sys.stderr)
 
 

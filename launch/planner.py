@@ -1,7 +1,7 @@
 """The job planner: groups a sweep's runs into stacked jobs (one process trains K compatible
 runs in one compiled step, `sparsescale.stack`). Which runs are compatible is the trainer's rule
 (`sparsescale.stack_rules.stack_groups`); how many to stack comes from `benchmarks/stacking.py`'s
-measurement (package data read by `sparsescale.tuning.max_stack`), else `DEFAULT_MAX_STACK`.
+measurement (package data read by `sparsescale.benchmarked.max_stack`), else `DEFAULT_MAX_STACK`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from launch.sweep import Run, Sweep, apply_overrides
-from sparsescale import run_files, tuning
+from sparsescale import benchmarked, run_files
 
-DEFAULT_MAX_STACK = tuning.DEFAULT_MAX_STACK
+DEFAULT_MAX_STACK = benchmarked.DEFAULT_MAX_STACK
 
 
 def resolved_config(sweep: Sweep, run: Run):
@@ -34,7 +34,7 @@ def job_config(sweep: Sweep, run: Run) -> dict:
 def measured_max_stack(n_params: int) -> tuple[int, str]:
     """(best runs per process, where it came from) for a model of `n_params` non-embedding
     parameters: the measurement of the nearest measured size on this many cores."""
-    return tuning.max_stack(n_params, len(os.sched_getaffinity(0)))
+    return benchmarked.max_stack(n_params, len(os.sched_getaffinity(0)))
 
 
 def has_checkpoint(workdir: Path) -> bool:

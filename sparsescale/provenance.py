@@ -1,5 +1,5 @@
 """Which code produced a result, `code_version()`, recorded in launch records, run records and
-every benchmark result (`tuning.write`); and on what, `device_name()`, in every run summary."""
+every benchmark result (`benchmarked.write`); and on what, `device_name()`, in every run summary."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Data read at run time ships inside the package: the measured tuning data
-(`sparsescale/tuning/*.json`) and the H100 target config, found through importlib.resources and
+"""Data read at run time ships inside the package: the benchmarked machine data
+(`sparsescale/benchmarked/*.json`) and the H100 target config, found through importlib.resources and
 present in a built (non-editable) wheel."""
 
 import importlib.resources
@@ -12,33 +12,36 @@ from pathlib import Path
 
 import pytest
 
-from sparsescale import tuning
+from sparsescale import benchmarked
 from sparsescale.kernels import aot
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = [
-    "sparsescale/tuning/block_sparse_cpu.json",
-    "sparsescale/tuning/stacking.json",
-    "sparsescale/tuning/threads.json",
+    "sparsescale/benchmarked/block_sparse_cpu.json",
+    "sparsescale/benchmarked/stacking.json",
+    "sparsescale/benchmarked/threads.json",
     "sparsescale/kernels/h100_target_config.txtpb",
 ]
 
 
 def test_importlib_resources_finds_the_package_data():
     for name in ("block_sparse_cpu", "stacking", "threads"):
-        measured = tuning.load(name)
+        measured = benchmarked.load(name)
         assert measured and measured.get("cores"), name
-    assert 0 < tuning.break_even_density((64, 64), "cpu") < 1
-    assert tuning.break_even_density((64, 64), "no_such_backend") == tuning.DEFAULT_BREAK_EVEN
+    assert 0 < benchmarked.break_even_density((64, 64), "cpu") < 1
+    assert (
+        benchmarked.break_even_density((64, 64), "no_such_backend")
+        == benchmarked.DEFAULT_BREAK_EVEN
+    )
     config = importlib.resources.files("sparsescale.kernels") / "h100_target_config.txtpb"
     assert config.read_text().strip()
     assert aot.h100_target_config_path().read_text() == config.read_text()
 
 
 def test_defaults_when_measurements_do_not_apply(caplog):
-    stack, why = tuning.max_stack(10_000, cores=999)
-    assert (stack, "default") == (tuning.DEFAULT_MAX_STACK, why.split()[0])
-    jobs, threads, why = tuning.jobs_threads(cores=999)
+    stack, why = benchmarked.max_stack(10_000, cores=999)
+    assert (stack, "default") == (benchmarked.DEFAULT_MAX_STACK, why.split()[0])
+    jobs, threads, why = benchmarked.jobs_threads(cores=999)
     assert (jobs, threads) == (999, 1) and "one job per core" in why
     assert "no measurement for 999 cores" in caplog.text
 
@@ -64,7 +67,7 @@ def test_built_wheel_contains_the_package_data(tmp_path):
 
 
 def test_write_records_the_machine(tmp_path):
-    out = tuning.write(
+    out = benchmarked.write(
         "threads", {"cores": 2, "best": {"jobs": 2, "threads": 1}}, tmp_path / "t.json"
     )
     record = json.loads(out.read_text())

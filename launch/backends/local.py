@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from launch import planner, signals, state, status
 from launch.sweep import Run, Sweep, SweepError, save_sweep, trainer_command
-from sparsescale import run_files, tuning
+from sparsescale import benchmarked, run_files
 
 GPU_MEM_FRACTION = "0.90"
 SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -95,8 +95,8 @@ def available_cpus() -> list[int]:
 
 
 def default_jobs_threads() -> tuple[int, int, str]:
-    """(jobs, threads, where the choice came from) for this machine (`sparsescale.tuning`)."""
-    return tuning.jobs_threads(len(available_cpus()))
+    """(jobs, threads, where the choice came from) for this machine (`sparsescale.benchmarked`)."""
+    return benchmarked.jobs_threads(len(available_cpus()))
 
 
 def validate_jobs_threads(jobs: int, threads: int) -> None:

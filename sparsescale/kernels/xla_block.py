@@ -22,7 +22,7 @@ cpu_3.8m_d400 1.50× / 1.40×; 32×32 at 75% cpu_4.7m 0.86× / 0.85×; 16×16 at
 `strategy="scatter"` instead scatters the tiles into a dense kernel and runs one dense matmul (same
 gradients: dvalues = the dense weight gradient read at the kept tiles); `strategy="auto"` picks by
 `choose_strategy`, from the break-even densities benchmarks/block_sparse.py measured and stores in
-the package's tuning data (`sparsescale.tuning`; CPU, one core, M = 4096, balanced tiles: 16² 0.10,
+the package's benchmarked machine data (`sparsescale.benchmarked`; CPU, one core, M = 4096, balanced tiles: 16² 0.10,
 32² 0.19, 64² 0.34, 128² 0.52). Either way this is `SparseLinear(impl="block", lowering="xla")`.
 """
 
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsescale import tuning
+from sparsescale import benchmarked
 from sparsescale.kernels.formats import BlockPacked, first_true
 
 DEFAULT_CHUNK = None  # all rows at once (see the module docstring)
@@ -292,13 +292,13 @@ def xla_block_matmul(
     return y.reshape(*lead, cols)
 
 
-DEFAULT_BREAK_EVEN = tuning.DEFAULT_BREAK_EVEN
+DEFAULT_BREAK_EVEN = benchmarked.DEFAULT_BREAK_EVEN
 
 
 @functools.cache
 def break_even_density(block: tuple[int, int], backend: str | None = None) -> float:
     """Density below which the block-sparse layer beats masked dense (forward + backward), as
-    measured by benchmarks/block_sparse.py for this backend (`tuning.break_even_density`: nearest
+    measured by benchmarks/block_sparse.py for this backend (`benchmarked.break_even_density`: nearest
     measured block area; DEFAULT_BREAK_EVEN when nothing was measured, which is logged; 0 when
     the block path never won)."""
-    return tuning.break_even_density(tuple(block), backend or jax.default_backend())
+    return benchmarked.break_even_density(tuple(block), backend or jax.default_backend())

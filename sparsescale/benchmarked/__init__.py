@@ -1,5 +1,6 @@
-"""Measured tuning data, shipped as package data beside this file and read through
-`importlib.resources` (so it works from a non-editable install):
+"""What the benchmarks measured on this kind of machine, which the trainer and the launcher read:
+package data beside this file, read through `importlib.resources` (so it works from a
+non-editable install):
 
 | file | written by | read by | default when missing |
 |---|---|---|---|
@@ -50,7 +51,10 @@ def load(name: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, json.JSONDecodeError) as e:
-        _note(f"bad:{name}", f"tuning data {name}.json is unreadable ({e}); using defaults")
+        _note(
+            f"bad:{name}",
+            f"benchmarked machine data {name}.json is unreadable ({e}); using defaults",
+        )
         return None
 
 
@@ -125,7 +129,10 @@ def break_even_density(block: tuple[int, int], backend: str) -> float:
     name = f"block_sparse_{backend}"
     measured = (load(name) or {}).get("break_even_density", {})
     if not measured:
-        _note(name, f"no {name}.json tuning data: break-even density {DEFAULT_BREAK_EVEN}")
+        _note(
+            name,
+            f"no {name}.json benchmarked machine data: break-even density {DEFAULT_BREAK_EVEN}",
+        )
         return DEFAULT_BREAK_EVEN
     area = block[0] * block[1]
     nearest = min(measured, key=lambda b: abs(math.log(math.prod(map(int, b.split("x"))) / area)))
@@ -139,7 +146,7 @@ def max_stack(n_params: int, cores: int | None = None) -> tuple[int, str]:
     measured = load("stacking")
     if not measured or measured.get("cores") != cores or not measured.get("best"):
         why = f"default {DEFAULT_MAX_STACK} (stacking.json has no measurement for {cores} cores)"
-        _note(f"stacking:{cores}", f"tuning: max stack {why}")
+        _note(f"stacking:{cores}", f"benchmarked: max stack {why}")
         return DEFAULT_MAX_STACK, why
     nearest = min(
         measured["best"], key=lambda b: abs(math.log(b["n_params"]) - math.log(max(n_params, 1)))
@@ -162,5 +169,5 @@ def jobs_threads(cores: int | None = None) -> tuple[int, int, str]:
             f"measured in {_source('threads', measured)}",
         )
     why = f"one job per core (threads.json has no measurement for {cores} cores)"
-    _note(f"threads:{cores}", f"tuning: {why}")
+    _note(f"threads:{cores}", f"benchmarked: {why}")
     return cores, 1, why
