@@ -5,7 +5,8 @@
 Each experiment has presets of its own and a default (`--help` lists them); an unknown preset is a
 one-line error (exit 2), and an analysis that finds no finished run exits 1.
 
-Runs are trained by the local launcher under the sweep root `<root>/<figure>/<preset>/` (finished
+In a checkout, `runs/` and `docs/` are the checkout's; from an installed package, the current
+directory's. Runs are trained by the local launcher under the sweep root `<root>/<figure>/<preset>/` (finished
 runs are reused, interrupted ones resume). The results table, reports and figures go to
 `<root>/<figure>/<preset>/analysis/` by default, so a reproduction never touches the committed
 results; `--publish` writes them to `docs/figures/<figure>/<preset>/` instead and refreshes
@@ -32,7 +33,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs"  # committed results: figures/<figure>/<preset>/ and RESULTS.md
+# In a checkout: its docs/ (committed results: figures/<figure>/<preset>/, records/, RESULTS.md)
+# and runs/. Installed as a package (no docs/ beside it): the current directory's.
+_BASE = REPO if (REPO / "docs" / "records").is_dir() else Path.cwd()
+DOCS = _BASE / "docs"
 FIGURES = (
     "headline",
     "crossover",
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("figure", choices=FIGURES)
     parser.add_argument("--preset", help="the experiment's preset (default: its own; see --help)")
-    parser.add_argument("--root", type=Path, default=REPO / "runs")
+    parser.add_argument("--root", type=Path, default=_BASE / "runs", help="sweep roots (runs/)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
         "--publish", action="store_true", help="write to docs/figures and refresh docs/RESULTS.md"

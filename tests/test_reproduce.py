@@ -95,3 +95,22 @@ def test_an_analysis_with_no_finished_runs_exits_nonzero(capsys, tmp_path):
     args = ["crossover", "--preset", "smoke", "--analyze-only", "--root", str(tmp_path)]
     assert reproduce.main(args) == 1
     assert "no finished runs of crossover:smoke" in capsys.readouterr().err
+
+
+def test_an_installed_copy_writes_under_the_current_directory(tmp_path):
+    """Without docs/records beside the package (a non-editable install), runs/ and docs/ are
+    the current directory's, not the site-packages directory's; in the checkout, its own."""
+    import subprocess
+    import sys
+
+    site = tmp_path / "site" / "experiments"
+    site.mkdir(parents=True)
+    shutil.copy(reproduce.__file__, site / "reproduce.py")
+    (site / "__init__.py").write_text("")
+    work = tmp_path / "work"
+    work.mkdir()
+    code = "from experiments import reproduce as r; print(r.DOCS); print(r._BASE / 'runs')"
+    done = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(site.parent), "PATH": ""}, check=True)  # fmt: skip
+    assert done.stdout.split() == [str(work / "docs"), str(work / "runs")]
+    assert reproduce.DOCS == reproduce.REPO / "docs"  # this checkout
