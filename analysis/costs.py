@@ -159,7 +159,7 @@ def draw_energy(results: pd.DataFrame, path) -> list[str]:
         label="dense energy × FLOPs share (if energy followed FLOPs)",
     )
     ax_e.set(yticks=y, yticklabels=label, xlabel="mJ per training token", title="Energy per token")
-    ax_e.legend(fontsize=7, loc="lower right")
+    ax_e.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     for k, row in table.iterrows():
         ax_l.scatter(row["energy_j"] / 1e3, row["eval_loss"], s=40, label=label[k])
     ax_l.set(xlabel="energy of the whole run (kJ)", ylabel="eval loss", title="Loss vs energy")
