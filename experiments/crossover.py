@@ -115,6 +115,16 @@ ARMS = ("main_6k_330k", "main_800k", "main_1.8m")
 RECORDS_OF = dict.fromkeys(ARMS, "main")  # reproduce: the arms read and write main's records
 MAIN_LEVELS = {size: ALL_LEVELS for size in SIZES[:6]} | {s: LARGE_LEVELS for s in SIZES[6:]}
 
+# The main design at seconds' scale (tests): two sizes, fixed batches, one LR.
+_MAIN_SMOKE = dict(
+    steps=8,
+    tokens_per_param=0.3,
+    batches={"cpu_6k": 4, "cpu_12k": 8},  # fixed: divisible by the tests' 4 devices
+    seq_len=32,
+    eval_sequences=8,
+    lr={"cpu_6k": 1.2e-2, "cpu_12k": 1.2e-2},
+)
+
 PRESETS = {
     "smoke": dict(
         sizes=("cpu_6k", "cpu_12k"),
@@ -153,24 +163,14 @@ PRESETS = {
     ),
     # the accelerator arm's script end to end on a CPU, in seconds
     "acc_smoke": dict(
-        steps=8,
-        tokens_per_param=0.3,
-        batches={"cpu_6k": 4, "cpu_12k": 8},
-        seq_len=32,
-        eval_sequences=8,
-        lr={"cpu_6k": 1.2e-2, "cpu_12k": 1.2e-2},
+        **_MAIN_SMOKE,
         seeds=(0,),
         levels={"cpu_6k": ACC_LEVELS, "cpu_12k": ACC_LEVELS},
         dtype="bfloat16",
         tag="acc",
     ),
     "main_smoke": dict(
-        steps=8,
-        tokens_per_param=0.3,
-        batches={"cpu_6k": 4, "cpu_12k": 8},
-        seq_len=32,
-        eval_sequences=8,
-        lr={"cpu_6k": 1.2e-2, "cpu_12k": 1.2e-2},
+        **_MAIN_SMOKE,
         seeds=(0, 1),
         levels={"cpu_6k": (0.0, 0.5, 0.875), "cpu_12k": (0.0, 0.875)},
     ),

@@ -161,6 +161,18 @@ def num_bytes(cfg: DataConfig, split: str = TRAIN) -> int:
     return prepare(cfg).split_num_bytes[split]
 
 
+def _split_windows(cfg: DataConfig, split: str) -> _Windows:
+    """The windows of a split's byte stream (built if needed); ValueError if there is none."""
+    prepared = prepare(cfg)
+    windows = _Windows(prepared.stream_path(split), cfg.seq_len)
+    if len(windows) == 0:
+        raise ValueError(
+            f"The {split} split of {cfg.name!r} ({prepared.split_num_bytes[split]} bytes) is too "
+            f"short for one window of seq_len + 1 = {cfg.seq_len + 1} bytes."
+        )
+    return windows
+
+
 def train_iterator(
     cfg: DataConfig, shard_options: grain.sharding.ShardOptions | None = None
 ) -> grain.DatasetIterator:
@@ -171,13 +183,7 @@ def train_iterator(
     ``shard_options`` defaults to ``grain.sharding.ShardByJaxProcess()``."""
     shard = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     local_batch = _local_batch_size(cfg, shard.shard_count)
-    prepared = prepare(cfg)
-    windows = _Windows(prepared.stream_path(TRAIN), cfg.seq_len)
-    if len(windows) == 0:
-        raise ValueError(
-            f"The {TRAIN} split of {cfg.name!r} ({prepared.split_num_bytes[TRAIN]} bytes) is too "
-            f"short for one window of seq_len + 1 = {cfg.seq_len + 1} bytes."
-        )
+    windows = _split_windows(cfg, TRAIN)
     # Shuffle and batch window indices, then gather each batch from the stream in one go.
     ds = grain.MapDataset.range(len(windows)).shuffle(seed=cfg.seed).repeat()
     ds = ds.batch(local_batch, drop_remainder=True)[shard.shard_index :: shard.shard_count]
@@ -203,13 +209,7 @@ def eval_batches(
     shard = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     batch = eval_batch_size(cfg)
     local_batch = _local_batch_size(cfg, shard.shard_count, "eval_batch_size")
-    prepared = prepare(cfg)
-    windows = _Windows(prepared.stream_path(VALIDATION), cfg.seq_len)
-    if len(windows) == 0:
-        raise ValueError(
-            f"The {VALIDATION} split of {cfg.name!r} ({prepared.split_num_bytes[VALIDATION]} "
-            f"bytes) is too short for one window of seq_len + 1 = {cfg.seq_len + 1} bytes."
-        )
+    windows = _split_windows(cfg, VALIDATION)
     total = num_batches * batch
     if total <= len(windows):
         index = np.arange(total, dtype=np.int64) * len(windows) // total
