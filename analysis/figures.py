@@ -552,3 +552,63 @@ def plot_regimes(cells: pd.DataFrame, path=None) -> plt.Figure:
                  "(bars: 95% over seeds)", fontsize=10)  # fmt: skip
     fig.tight_layout()
     return save(fig, path)
+
+
+def plot_comparison(series: list[tuple[str, pd.DataFrame, pd.DataFrame]], path=None, title=""):
+    """Data sets on shared axes against N: the relative paired gap ΔL / L_dense (left,
+    `gap.gap_cells` of gaps divided by their dense loss) and N_eff / N (right,
+    `gap.effective_sizes`), one colour per sparsity, one marker and line style per data set.
+    `series`: (label, relative-gap cells, N_eff cells) per data set; both metrics are unitless,
+    so different tasks share the axes (the loss scales differ)."""
+    from matplotlib.lines import Line2D
+
+    levels = sorted(set().union(*(set(cells["sparsity"]) for _, cells, _ in series)))
+    colors = _sparsity_colors(levels)
+    styles = [dict(marker="o", ls="-", mfc=None), dict(marker="s", ls="--", mfc="white")]
+    if not 1 <= len(series) <= len(styles):
+        raise ValueError(f"{len(series)} data sets; the comparison draws 1 or 2")
+    styles = styles[: len(series)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.8), sharex=True)
+    for (_, cells, sizes), style in zip(series, styles, strict=True):
+        for s in levels:
+            for ax, frame, value in ((left, cells, "gap"), (right, sizes, "ratio")):
+                if frame.empty:
+                    continue
+                pts = frame[np.isclose(frame["sparsity"], s)].sort_values(SIZE)
+                pts = pts[np.isfinite(pts[value])]
+                if pts.empty:
+                    continue
+                err = np.stack([pts[value] - pts["lo"], pts["hi"] - pts[value]])
+                err = np.where(np.isfinite(err), err, 0).clip(0)
+                ax.errorbar(pts[SIZE], pts[value], yerr=err, color=colors[s], ms=4, capsize=2,
+                            lw=1.2, marker=style["marker"], ls=style["ls"],
+                            mfc=style["mfc"] or colors[s])  # fmt: skip
+    for ax in (left, right):
+        size_axis(ax)
+        ax.set_xlabel("non-embedding parameters N")
+    left.set_yscale("log")
+    left.set_ylabel("ΔL / L_dense, same seed")
+    left.set_title("Relative loss cost of sparsity", fontsize=9)
+    right.set_ylabel("N_eff / N (dense size the sparse model is worth)")
+    right.set_title("Effective-parameter fraction (constant in N under Frantar et al.'s law)",
+                    fontsize=9)  # fmt: skip
+    handles = [
+        Line2D([], [], color=colors[s], marker="o", ls="-", label=f"S={s:g}") for s in levels
+    ]
+    handles += [
+        Line2D(
+            [],
+            [],
+            color="0.3",
+            marker=st["marker"],
+            ls=st["ls"],
+            mfc=st["mfc"] or "0.3",
+            label=label,
+        )  # fmt: skip
+        for (label, _, _), st in zip(series, styles, strict=True)
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8,
+               title="bars: 95% interval over seeds (none with one seed)", title_fontsize=8)  # fmt: skip
+    fig.suptitle(title or "Cost of sparsity against size, data sets on shared axes", fontsize=10)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    return save(fig, path)

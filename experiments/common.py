@@ -6,7 +6,22 @@ dataclasses (sparsescale/config.py maps them).
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
+
+# Each size's dense optimum peak LR (AdamW, 5% warmup, cosine): the parabola vertex of its grid in
+# the crossover's `lr` / `lr_800k` presets (850 steps, ≈ 21 tokens per non-embedding parameter;
+# docs/figures/crossover/lr/). Measured, not extrapolated; `tuned_lr` reads between them.
+LR_MEASURED = {
+    "cpu_6k": 0.0150,
+    "cpu_12k": 0.0163,
+    "cpu_25k": 0.0178,
+    "cpu_50k": 0.0171,
+    "cpu_100k": 0.0144,
+    "cpu_330k": 0.0117,
+    "cpu_800k": 0.0113,
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -102,6 +117,34 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.eval_batches = 2
     c.sparsity.schedule.every = 2
     return c
+
+
+def tuned_lr(model_name: str) -> tuple[float, str]:
+    """(peak LR, how it was obtained) for a model preset: its measured optimum ("tuned"), else the
+    measured optima read off piecewise linearly in log LR vs log N (non-embedding parameters)
+    between the two neighbouring sizes ("interpolated"), else the nearest segment's slope
+    continued ("extrapolated"). Every experiment preset trains at this LR."""
+    from sparsescale import accounting
+    from sparsescale import model as model_lib
+
+    if model_name in LR_MEASURED:
+        return LR_MEASURED[model_name], "tuned"
+
+    def log_n(name):
+        return math.log(accounting.param_counts(model_lib.preset(name))["non_embedding"])
+
+    points = sorted((log_n(name), math.log(lr)) for name, lr in LR_MEASURED.items())
+    x = log_n(model_name)
+    inside = points[0][0] <= x <= points[-1][0]
+    i = next((i for i in range(1, len(points) - 1) if x < points[i][0]), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    lr = math.exp(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    return lr, "interpolated" if inside else "extrapolated"
+
+
+def lr_overrides(model_name: str) -> dict:
+    """The sweep override that trains `model_name` at its tuned LR (`tuned_lr`)."""
+    return {"train.lr": round(tuned_lr(model_name)[0], 5)}
 
 
 def steps_for_budget(

@@ -84,18 +84,10 @@ LR_GRID = {
 # local slopes -0.29 and -0.17 above 56K): the predicted optimum ≈ 0.01 and a point either side.
 LR_GRID_LARGE = {"cpu_800k": _GRID[1:4], "cpu_1.8m": _GRID[1:4]}
 # Each size's dense optimum: the parabola vertex of its lr grid (lr / lr_800k presets, code b9a1c59
-# and 5646c47). 1.8M is EXTRAPOLATED (not measured): the power law over the seven measured sizes
-# gives 0.0111, the last local slope (-0.05) 0.0108; lr_1.8m checks it with a point either side.
-LR_TUNED = {
-    "cpu_6k": 0.0150,
-    "cpu_12k": 0.0163,
-    "cpu_25k": 0.0178,
-    "cpu_50k": 0.0171,
-    "cpu_100k": 0.0144,
-    "cpu_330k": 0.0117,
-    "cpu_800k": 0.0113,
-    "cpu_1.8m": 0.0110,
-}
+# and 5646c47; common.LR_MEASURED). 1.8M is EXTRAPOLATED (not measured): the power law over the
+# seven measured sizes gives 0.0111, the last local slope (-0.05) 0.0108; lr_1.8m checks it with a
+# point either side.
+LR_TUNED = {**common.LR_MEASURED, "cpu_1.8m": 0.0110}
 # The accelerator arm (`acc`): the same design on one GPU from 1.8M (its overlap with the CPU
 # arms) to 20M, dense and 87.5%, seed 0, bf16 compute (float32 parameters and optimizer). Its
 # learning rates above 1.8M are EXTRAPOLATED: the last measured local slope of lr* in N (−0.05)
@@ -327,10 +319,46 @@ def write_turning(results, path):
         ),
         "",
         *_turning_sections(results, pairs, local),
+        *_comparison_section(pairs, sizes, path.parent / "figures" / "comparison"),
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text))
     return path
+
+
+def _comparison_section(pairs, sizes, figure) -> list[str]:
+    """Ours beside Frantar et al.'s ViT/JFT runs (their longest budget) on shared, unitless
+    axes: ΔL / L_dense and N_eff / N against N (`figures.plot_comparison`)."""
+    from analysis import figures, gap, load
+
+    vit = gap.paired_gaps(load.load_frantar(dataset="vit"))
+    longest = vit["tokens"].max()
+    vit = vit[vit["tokens"] == longest]
+    levels = sorted(set(vit["sparsity"]) & set(pairs["sparsity"]))
+    if not levels:
+        return []
+    series = []
+    for label, frame, neff in (
+        ("ours: code bytes, 850 steps, 21 tokens/param, tuned LR", pairs, sizes),
+        (f"Frantar et al. (2024): ViT/JFT-4B, D = {longest:.3g} images, one seed", vit, None),
+    ):
+        frame = frame[frame["sparsity"].isin(levels)]
+        relative = gap.gap_cells(frame.assign(gap=frame["gap"] / frame["dense_loss"]))
+        neff = gap.effective_sizes(frame) if neff is None else neff
+        series.append((label, relative, neff[neff["sparsity"].isin(levels)] if len(neff) else neff))
+    figures.plot_comparison(series, figure)
+    return [
+        "## Beside the published runs",
+        "",
+        "Ours and Frantar et al.'s ViT/JFT-4B runs (their longest budget, "
+        f"{longest:.3g} images at every size; one seed) at the sparsities both have, on unitless "
+        "axes: the relative paired gap ΔL / L_dense and N_eff / N (each read off its own dense "
+        "curve). The tasks' loss scales differ, so compare trends in N, not levels. Their D is "
+        "fixed while ours grows with N.",
+        "",
+        f"![ours and published on shared axes](figures/{figure.name}.png)",
+        "",
+    ]
 
 
 def _turning_sections(results, pairs, local) -> list[str]:

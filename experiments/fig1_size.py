@@ -83,6 +83,7 @@ def get_sweep(arg: str = "quick"):
                         {
                             "tag": regime,
                             "model.name": size,
+                            **common.lr_overrides(size),
                             "train.steps": steps,
                             **common.sparsity_overrides("unstructured", sparsity),
                             **common.seed_overrides(seed),

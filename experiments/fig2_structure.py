@@ -61,7 +61,12 @@ def get_sweep(arg: str = "quick"):
     p = common.preset_of(PRESETS, arg, __name__)
     variants = VARIANTS[:4] if arg == "smoke" else VARIANTS  # smoke: dense, unstructured, 1:2, 2:4
     return [
-        {"model.name": size, **variant, **common.seed_overrides(seed)}
+        {
+            "model.name": size,
+            **common.lr_overrides(size),
+            **variant,
+            **common.seed_overrides(seed),
+        }
         for size in p["sizes"]
         for variant in variants
         for seed in p["seeds"]

@@ -52,12 +52,14 @@ def get_sweep(arg: str = "quick"):
     runs = []
     for size in p["sizes"]:
         d_ff = model_lib.PRESETS[size]["d_ff"]
-        runs.append({"model.name": size, "model.moe.num_experts": 0})
+        lr = common.lr_overrides(size)  # the dense size's LR for its MoE variants too
+        runs.append({"model.name": size, **lr, "model.moe.num_experts": 0})
         for experts in p["experts"]:
             for k in p["top_k"]:
                 runs.append(
                     {
                         "model.name": size,
+                        **lr,
                         "model.moe.num_experts": experts,
                         "model.moe.top_k": k,
                         "model.d_ff": d_ff // k,

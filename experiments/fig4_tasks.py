@@ -64,6 +64,7 @@ def get_sweep(arg: str = "quick"):
         {
             **task,
             "model.name": size,
+            **common.lr_overrides(size),
             "train.steps": common.steps_for_budget(
                 size, p["tokens_per_param"], p["batch_size"], p["seq_len"], p["min_steps"]
             ),

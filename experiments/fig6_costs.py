@@ -44,6 +44,7 @@ PRESETS = {
 def get_config(arg: str = "quick"):
     c = common.experiment_config("fig6_costs", PRESETS, arg)
     c.model.name = PRESETS[arg]["size"]
+    c.train.lr = common.lr_overrides(c.model.name)["train.lr"]
     return c
 
 

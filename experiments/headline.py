@@ -22,7 +22,9 @@ Design:   6 sizes, 6.2K–332K non-embedding parameters (53×), each trained on 
           trains the shared dense prefix (the first 25%) once and forks. Budget arm (tag "arm"):
           the two sizes 14K and 25K also at 5 and 80 tokens per parameter, with the same batch
           (so D changes through the number of steps only: 5 tok/param trains 120–140 steps).
-          Eval on the same 256 validation windows (32K bytes) for every run.
+          Eval on the same 256 validation windows (32K bytes) for every run. One peak LR, 3e-3,
+          at every size: this first sweep predates the LR tuning and is kept as committed;
+          experiments/crossover.py is its step-matched successor at tuned LRs.
 Expected: β(S) of log ΔL = log g(S) − β(S)·log N with intervals over sizes and over seeds, S*(N)
           and γ of ΔL ∝ D^−γ at fixed N. Measured (docs/figures/headline/cpu/): β < 0 at 87.5%
           (−0.15) and 93.75% (−0.20), both intervals below 0; inconclusive at 25–75%; S* at 0.05
@@ -76,6 +78,7 @@ def get_config(arg: str = "cpu"):
     c.data.seq_len = c.model.max_len = p["seq_len"]
     c.sparsity.structure = "unstructured"
     c.sparsity.schedule.updates = 16 if arg != "smoke" else 2
+    c.train.lr = 3e-3  # one LR at every size (see Design)
     c.train.log_every = 10 if arg != "smoke" else 2
     c.train.ckpt_every = 100 if arg != "smoke" else 4
     return c

@@ -37,6 +37,7 @@ def get_config(arg: str = "quick"):
         c.data.batch_size, c.data.seq_len = p["batch_size"], p["seq_len"]
         c.model.max_len = p["seq_len"]
         c.train.steps = common.steps_for_budget(p["model"], 20, p["batch_size"], p["seq_len"], 1)
+        c.train.lr = common.lr_overrides(p["model"])["train.lr"]  # extrapolated: see tuned_lr
         c.train.log_every, c.train.ckpt_every, c.train.eval_every = 100, 1000, 1000
         for axis, size in p["mesh"].items():
             c.mesh[axis] = size
@@ -46,6 +47,7 @@ def get_config(arg: str = "quick"):
             f"experiments/single_run.py: unknown preset {arg!r}; use one of "
             f"{['quick', 'smoke', *ACCELERATOR]}."
         )
+    c.train.lr = common.lr_overrides(c.model.name)["train.lr"]
     return c
 
 

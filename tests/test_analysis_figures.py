@@ -238,3 +238,25 @@ def test_every_figure_says_what_it_shows(tmp_path, monkeypatch):
     assert len(drawn) >= len(FIGURES)
     problems = {path: p for path, fig in drawn.items() if (p := _audit(fig))}
     assert not problems, problems
+
+
+def test_comparison_figure_puts_each_data_set_on_shared_axes(tmp_path):
+    """Ours and theirs on the same two axes: every cell's value where it belongs, one line per
+    (data set, sparsity) and metric, and nothing a reader would trip on."""
+    from analysis import figures
+
+    def cells(sizes, values, column):
+        return pd.DataFrame({"n_nonembedding": sizes, "sparsity": 0.5, column: values,
+                             "lo": np.array(values) * 0.9, "hi": np.array(values) * 1.1})  # fmt: skip
+
+    ours = ("ours", cells([1e4, 1e5], [0.02, 0.03], "gap"), cells([1e4, 1e5], [0.9, 0.8], "ratio"))
+    theirs = ("theirs", cells([1e6, 1e7], [0.05, 0.04], "gap"), cells([1e6], [0.7], "ratio"))
+    fig = figures.plot_comparison([ours, theirs], tmp_path / "comparison")
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+    left, right = fig.axes[:2]
+    assert left.get_shared_x_axes().joined(left, right)
+    for ax, expected in ((left, [[0.02, 0.03], [0.05, 0.04]]), (right, [[0.9, 0.8], [0.7]])):
+        lines = [container.lines[0] for container in ax.containers]
+        assert [list(line.get_ydata()) for line in lines] == expected
+    assert [line.get_linestyle() for line in (c.lines[0] for c in left.containers)] == ["-", "--"]
+    assert not _audit(fig)
