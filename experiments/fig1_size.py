@@ -1,8 +1,8 @@
 """Figure 1 — do larger models tolerate higher sparsity, and in which training regime?
 
 Command:  python -m experiments.reproduce fig1_size --preset quick
-Runtime:  smoke ≈ 2 min; quick ≈ 10 min on 2 CPU cores (90 runs, stacked; 9 min 08 s measured
-          from empty data and compilation caches); full: accelerators. The CPU experiment near
+Runtime:  smoke ≈ 2 min; quick ≈ 10 min on 2 CPU cores (90 runs, stacked; 10 min 05 s measured
+          from empty data and compilation caches, code cf99a04); full: accelerators. The CPU experiment near
           compute-optimal budgets (≥ 20 tokens per parameter, 3 paired seeds) is
           experiments/headline.py; it replaced the old `medium`
           preset, whose two smallest "scaled" sizes duplicated their "fixed" runs.
@@ -12,9 +12,14 @@ Design:   5 sizes spanning ≥ 30× in non-embedding parameters (quick: 6K–330
           token-budget regimes tagged in the results:
           "scaled" (a fixed number of tokens per non-embedding parameter, so every size sees the
           same training budget relative to its size) and "fixed" (the same short step count for
-          every size, as in docs/PILOT.md).
+          every size, as in docs/PILOT.md). Each size at its tuned peak LR (`common.tuned_lr`:
+          the crossover's measured dense optima, 0.0150 at 6.2K … 0.0117 at 332K) in both
+          regimes.
 Expected: whatever the data show, stated with its regime. The pilot found the penalty ΔL(S) growing
           with size at a fixed short budget; the scaled regime tests whether that was under-training.
+          Measured (quick, tuned LRs, docs/figures/fig1_size/quick/): β inconclusive at every level
+          in both regimes (fixed: +0.007 … +0.047; scaled: +0.10 … +0.67); at 3e-3 the fixed
+          budget had β < 0 at 50 / 87.5 / 93.75%, so that trend was a learning-rate effect.
 """
 
 from experiments import common

@@ -5,7 +5,9 @@ Runtime:  smoke ≈ 1 min; quick ≈ 70 min on 2 CPU cores (52 runs); medium ≈
 Design:   at 50% sparsity: unstructured, 1:2, 2:4, 5:10, 50:100, blocks 4×4 and 20×20; at 75%:
           unstructured, 1:4, 2:8, blocks 4×4 and 20×20; plus dense. One matched gradual schedule
           (N:M is reached by an unstructured magnitude ramp that ends exactly N:M). Sizes have
-          d_model a multiple of 200 so every kernel admits every group size.
+          d_model a multiple of 200 so every kernel admits every group size. Peak LR: each
+          size's `common.tuned_lr` (481K interpolated between the measured optima, 961K
+          extrapolated); the committed quick results were trained at 3e-3, before that default.
 Expected: penalty over unstructured shrinking as the group size m grows (more freedom), and
           blocks costing more than N:M at equal sparsity; per size, as measured.
 Measured (quick, 2 seeds, 583K / 1.06M params): at 50%, 1:2 0.021/0.013 nats, 2:4 0.013/0.010,

@@ -6,9 +6,10 @@ Command:  python -m experiments.reproduce fig6_costs --preset quick
           format and FLOP tables, `python -m benchmarks.cost_tables` (committed), and the timings of
           `python benchmarks/kernels.py --quick`; it draws what is there and says what is missing.
           The analysis imports no JAX.)
-Runtime:  smoke ≈ 1 min; quick 3 min 01 s measured on 2 CPU cores (6 runs, one per core at a time:
-          each run's energy is its own job's, so runs are never stacked; the crossover sweep beside
-          it paused); the kernel benchmark: ≈ 5 min quick.
+Runtime:  smoke ≈ 1 min; quick 2 min 07 s measured on 2 CPU cores with warm data and
+          compilation caches (3 min 01 s before them; 6 runs, one per core at a time: each run's
+          energy is its own job's, so runs are never stacked; the crossover sweep beside it
+          paused); the kernel benchmark: ≈ 5 min quick.
 Design:   (a) bytes per weight element of each format (dense, masked dense, N:M compressed, block
           compressed) against the limit density × value bytes; (b) training FLOPs per token vs
           sparsity for every CPU preset; (c) measured fwd+bwd time of the block-sparse XLA path vs
@@ -19,11 +20,12 @@ Design:   (a) bytes per weight element of each format (dense, masked dense, N:M 
 Expected: compressed N:M within 12.5% (2-bit indices) of its byte limit; masked dense pays for its
           mask and gives no speedup; block-sparse speedups below the ideal, growing with block size.
           Energy on a CPU host is an estimate from wall time (no counter). Measured (quick,
-          cpu_100k, estimated joules): masked sparsity costs what dense costs (0.94–0.98× at 50%,
-          87.5% and block 75%, against 0.34–0.62× of its FLOPs); the block-sparse path costs 1.47×
-          (16×16 tiles at this size are slower than dense, and it recompiles twice;
-          docs/BLOCK_SPARSE.md: it pays from ~4.7M parameters with 64×64 blocks); the MoE 1.34×
-          for the lowest loss (1.945 against dense 1.976).
+          cpu_100k at its tuned LR 0.0144, code cf99a04, estimated joules): masked sparsity costs
+          what dense costs (1.01–1.05× at 50%, 87.5% and block 75%, against 0.34–0.62× of its
+          FLOPs); the block-sparse path costs 1.51× (16×16 tiles at this size are slower than
+          dense, and it recompiles twice; docs/BLOCK_SPARSE.md: it pays from ~4.7M parameters
+          with 64×64 blocks); the MoE 1.45× for the lowest loss (1.789 against dense 1.828). At
+          3e-3 (code f8eba29): 0.94–0.98×, 1.47×, 1.34×, and losses 1.945 / 1.976.
 """
 
 from pathlib import Path

@@ -126,6 +126,15 @@ def main(argv=None) -> int:
             if stack:
                 launch_args += ["--stack", str(stack)]
             code = launch_cli.main(launch_args)
+            if code >= 128:  # interrupted: the launcher said how to resume
+                return code
+            if code and args.publish:  # docs/ shows complete sweeps only
+                print(
+                    f"error: not publishing: some runs failed; see `python -m launch status "
+                    f"{root}`, then run the same command again",
+                    file=sys.stderr,
+                )
+                return 1
             if code:
                 print(f"some runs failed; see `python -m launch status {root}`", file=sys.stderr)
         if root.exists():

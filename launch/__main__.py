@@ -13,12 +13,18 @@ import signal
 import sys
 from pathlib import Path
 
+CONFIG_FLAGS = (
+    "--config.KEY=VALUE (repeatable, the trainer's syntax) sets a config field of every run, "
+    "e.g. --config.data.name=tiny_shakespeare --config.mesh.data=2; it becomes part of each "
+    "run's id. Keys the sweep sets per run are refused (use --only)."
+)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="launch (or resume) a sweep")
+    run = sub.add_parser("run", help="launch (or resume) a sweep", epilog=CONFIG_FLAGS)
     run.add_argument("experiment", help="experiment file and argument: path/to/exp.py[:arg]")
     run.add_argument("--root", required=True, type=Path, help="sweep root directory")
     run.add_argument("--dry-run", action="store_true", help="print runs and estimated cost only")
@@ -57,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--poll", type=float, default=10.0, help="slurm: seconds between checks")
 
     cal = sub.add_parser(
-        "calibrate", help="time each model's step as the planned jobs run it, for --dry-run"
+        "calibrate",
+        help="time each model's step as the planned jobs run it, for --dry-run",
+        epilog=CONFIG_FLAGS,
     )
     cal.add_argument("experiment")
     cal.add_argument("--root", required=True, type=Path)
@@ -78,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     col.add_argument("--all", action="store_true", help="also rows for unfinished runs")
     col.add_argument("--records", type=Path, help="also write a record per finished run here")
     post = sub.add_parser(
-        "posttrain", help="prune each finished dense run one-shot: <root>/posttrain.csv"
+        "posttrain",
+        help="prune each finished dense run one-shot: <root>/posttrain.csv",
+        epilog=CONFIG_FLAGS,
     )
     post.add_argument("experiment")
     post.add_argument("--root", required=True, type=Path)
@@ -88,12 +98,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and (args.command not in ("run", "calibrate", "posttrain") or not all(
+        flag.startswith("--config.") for flag in rest
+    )):  # fmt: skip
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from launch import signals
-    from launch.sweep import SweepError
+    from launch.sweep import SweepError, parse_config_flags
     from sparsescale.run_files import RunFileError
 
     try:
+        args.config = parse_config_flags(rest)
         with signals.interrupts():  # SIGTERM takes the Ctrl-C path
             return _dispatch(args)
     except (SweepError, RunFileError) as e:
@@ -136,10 +152,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             post = posttrain.post_config(args.methods, args.structures)
         except ValueError as e:
             raise sweep.SweepError(str(e)) from e
-        path, added = posttrain.run(sweep.expand(args.experiment), args.root, post)
+        path, added = posttrain.run(sweep.expand(args.experiment, args.config), args.root, post)
         print(f"{added} dense runs pruned one-shot -> {path}")
         return 0
-    expanded = sweep.expand(args.experiment)
+    expanded = sweep.expand(args.experiment, args.config)
     if getattr(args, "only", None):
         expanded = sweep.select(expanded, args.only)
     jobs, threads, source = local.default_jobs_threads()

@@ -7,6 +7,7 @@ declares `SCHEDULE_AXES = ("sparsity.schedule.start", ...)`: schedule fields its
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import importlib.util
@@ -245,8 +246,26 @@ def _resources(config: ml_collections.ConfigDict, where: str) -> Resources:
     return resources
 
 
-def expand(spec: str) -> Sweep:
-    """Load an experiment (`file.py[:arg]`) and expand its sweep into validated runs."""
+def parse_config_flags(flags: Sequence[str]) -> dict[str, Any]:
+    """`--config.KEY=VALUE` flags (the trainer's syntax) as overrides {KEY: VALUE}; a VALUE is a
+    Python literal where it parses as one (16, 0.5, True, (4, 4)), else the text."""
+    overrides = {}
+    for flag in flags:
+        key, sep, text = flag.removeprefix("--config.").partition("=")
+        if not flag.startswith("--config.") or not sep or not key:
+            raise SweepError(
+                f"unrecognized argument {flag!r}; config fields are --config.KEY=VALUE"
+            )
+        try:
+            overrides[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[key] = text
+    return overrides
+
+
+def expand(spec: str, config: Mapping[str, Any] | None = None) -> Sweep:
+    """Load an experiment (`file.py[:arg]`) and expand its sweep into validated runs; `config`:
+    overrides for every run (`--config.KEY=VALUE`), part of each run's overrides and id."""
     file, arg = parse_spec(spec)
     module = load_experiment(file)
     args = () if arg is None else (arg,)  # get_config() without ':arg', like config_flags
@@ -260,6 +279,14 @@ def expand(spec: str) -> Sweep:
     overrides_list = list(module.get_sweep(*args))
     if not overrides_list:
         raise SweepError(f"experiment {file}: get_sweep({arg!r}) returned no runs")
+    if config:
+        per_run = sorted({key for o in overrides_list for key in o} & set(config))
+        if per_run:
+            raise SweepError(
+                f"--config.{per_run[0]}: {spec_name(file.stem, arg)} sets it per run; "
+                f"select runs with --only {per_run[0]}=VALUE instead"
+            )
+        overrides_list = [{**o, **config} for o in overrides_list]
     schedule_axes = tuple(getattr(module, "SCHEDULE_AXES", ()))
     bad_axes = [
         a for a in schedule_axes if a.removeprefix("sparsity.schedule.") not in SCHEDULE_FIELDS

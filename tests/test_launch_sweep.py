@@ -233,6 +233,46 @@ def test_select_runs_part_of_a_sweep_and_the_root_keeps_the_rest(tmp_path):
             sweep.select(full, bad)
 
 
+def test_config_flags_set_every_run_and_refuse_what_the_sweep_varies(tmp_path, capsys):
+    from launch import __main__ as cli
+
+    spec = write_experiment(tmp_path, 'product({"sparsity.target": [0.5, 0.875]})')
+    flags = [
+        "--config.data.seq_len=16",
+        "--config.data.name=synthetic",
+        "--config.model.mlp=swiglu",
+    ]
+    assert sweep.parse_config_flags(flags) == {
+        "data.seq_len": 16,  # a literal where it parses as one
+        "data.name": "synthetic",
+        "model.mlp": "swiglu",
+    }
+    plain = sweep.expand(spec)
+    flagged = sweep.expand(spec, sweep.parse_config_flags(flags))
+    for run, config, base in zip(flagged.runs, flagged.configs, plain.configs, strict=True):
+        assert config.data.seq_len == 16 and config.data.name == "synthetic"
+        assert config.sparsity.target == base.sparsity.target
+        assert run.overrides["data.seq_len"] == 16  # the trainer gets them as its own flags
+        assert run.tokens_per_step == 8 * 16
+    assert not {r.run_id for r in flagged.runs} & {r.run_id for r in plain.runs}
+
+    root = tmp_path / "root"
+    for argv, cause in (
+        (["--config.sparsity.target=0.9"], "sets it per run; select runs with --only"),
+        (["--config.data.seq_len=sixteen"], "data.seq_len"),  # the field's type
+        (["--config.data.nmae=x"], "unknown field 'nmae'"),
+    ):
+        assert cli.main(["run", spec, "--root", str(root), "--dry-run", *argv]) == 2
+        err = capsys.readouterr().err
+        assert cause in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as exit_info:  # not a config flag: argparse's one line
+        cli.main(["status", str(root), "--config.data.seq_len=16"])
+    assert exit_info.value.code == 2
+    assert not root.exists()  # nothing written before the inputs were checked
+    assert cli.main(["run", spec, "--root", str(root), "--dry-run", *flags]) == 0
+    assert "seq_len-16" in capsys.readouterr().out
+
+
 def test_preempted_attempt_is_resumed_not_failed_and_requeue_is_one_edit(tmp_path):
     from sparsescale import preemption
 

@@ -114,3 +114,24 @@ def test_an_installed_copy_writes_under_the_current_directory(tmp_path):
                           env={"PYTHONPATH": str(site.parent), "PATH": ""}, check=True)  # fmt: skip
     assert done.stdout.split() == [str(work / "docs"), str(work / "runs")]
     assert reproduce.DOCS == reproduce.REPO / "docs"  # this checkout
+
+
+def test_an_interrupted_or_failed_launch_publishes_nothing(tmp_path, monkeypatch, capsys):
+    """A sweep stopped midway (or with failed runs) leaves docs/ as committed: only a complete
+    sweep is published."""
+    from launch import __main__ as launch_cli
+
+    docs = tmp_path / "docs"
+    committed = docs / "figures" / "fig3_moe" / "quick"
+    committed.mkdir(parents=True)
+    (committed / "results.csv").write_text("the committed table\n")
+    monkeypatch.setattr(reproduce, "DOCS", docs)
+    root = tmp_path / "runs"
+    (root / "fig3_moe" / "quick").mkdir(parents=True)  # a partial sweep's root
+    before = _snapshot(docs)
+    for code, expected in ((143, 143), (1, 1)):  # SIGTERM, failed runs
+        monkeypatch.setattr(launch_cli, "main", lambda argv, code=code: code)
+        args = ["fig3_moe", "--preset", "quick", "--root", str(root), "--publish"]
+        assert reproduce.main(args) == expected
+        assert _snapshot(docs) == before
+    assert "not publishing: some runs failed" in capsys.readouterr().err
