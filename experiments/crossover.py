@@ -319,14 +319,14 @@ def write_turning(results, path):
         ),
         "",
         *_turning_sections(results, pairs, local),
-        *_comparison_section(pairs, sizes, path.parent / "figures" / "comparison"),
+        *_comparison_section(results, pairs, sizes, path.parent / "figures" / "comparison"),
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text))
     return path
 
 
-def _comparison_section(pairs, sizes, figure) -> list[str]:
+def _comparison_section(results, pairs, sizes, figure) -> list[str]:
     """Ours beside Frantar et al.'s ViT/JFT runs (their longest budget) on shared, unitless
     axes: ΔL / L_dense and N_eff / N against N (`figures.plot_comparison`)."""
     from analysis import figures, gap, load
@@ -339,7 +339,7 @@ def _comparison_section(pairs, sizes, figure) -> list[str]:
         return []
     series = []
     for label, frame, neff in (
-        ("ours: code bytes, 850 steps, 21 tokens/param, tuned LR", pairs, sizes),
+        (f"ours: {_design_text(results)}", pairs, sizes),
         (f"Frantar et al. (2024): ViT/JFT-4B, D = {longest:.3g} images, one seed", vit, None),
     ):
         frame = frame[frame["sparsity"].isin(levels)]
@@ -359,6 +359,14 @@ def _comparison_section(pairs, sizes, figure) -> list[str]:
         f"![ours and published on shared axes](figures/{figure.name}.png)",
         "",
     ]
+
+
+def _design_text(results) -> str:
+    """What our runs were, for a legend: task, steps and peak LRs."""
+    steps = "/".join(f"{s:g}" for s in sorted(results["steps"].unique()))
+    lrs = results["lr"].dropna()
+    lr = f"LR {lrs.min():.3g}–{lrs.max():.3g}" if len(lrs) else "LR unknown"
+    return f"{', '.join(sorted(results['task'].unique()))}, {steps} steps, {lr}"
 
 
 def _turning_sections(results, pairs, local) -> list[str]:
