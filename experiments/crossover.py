@@ -15,8 +15,8 @@ Runtime:  smoke ≈ 1 min. lr: 35 dense runs, one process each (learning rates d
           load). lr_800k: 3 runs, measured ≈ 28 min each (2 jobs × 1 thread); lr_1.8m estimated
           ≈ 76 min a run. main_6k_330k: 144 runs in 21 stacked jobs, measured 58 min on
           2 jobs × 1 thread (a 332K job of 8 variants ≈ 16 min). main_800k: every level of seeds 0–1
-          done (seed 2 at step 300–400), 2.2–5 s a step alone on this VM (≈ 31–70 min a run,
-          2 jobs × 1 thread). main_1.8m:
+          and dense / 87.5% of seed 2 done (seed 2's dense and 87.5% runs: 2.6–2.9 s a step,
+          ≈ 45 min as a pair on 2 jobs × 1 thread; 2.2–5 s a step at other times on this VM). main_1.8m:
           not run. acc (one H200, not yet run): estimated 5–8 min, from 1.2e17 FLOPs of dense
           steps (masked sparsity costs a dense step) at 40% of the bf16 peak plus start-ups.
 Design:   matched in steps: every run, at every size, takes STEPS = 850 optimizer steps, and the
