@@ -6,6 +6,7 @@ dataclasses (sparsescale/config.py maps them).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import ml_collections
@@ -119,22 +120,27 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+@functools.cache
+def non_embedding_params(model_name: str) -> int:
+    """Non-embedding parameters of a model preset: the N every size rule here uses."""
+    from sparsescale import accounting
+    from sparsescale import model as model_lib
+
+    return accounting.param_counts(model_lib.preset(model_name))["non_embedding"]
+
+
+@functools.cache
 def tuned_lr(model_name: str) -> tuple[float, str]:
     """(peak LR, how it was obtained) for a model preset: its measured optimum ("tuned"), else the
     measured optima read off piecewise linearly in log LR vs log N (non-embedding parameters)
     between the two neighbouring sizes ("interpolated"), else the nearest segment's slope
     continued ("extrapolated"). Every experiment preset trains at this LR."""
-    from sparsescale import accounting
-    from sparsescale import model as model_lib
-
     if model_name in LR_MEASURED:
         return LR_MEASURED[model_name], "tuned"
-
-    def log_n(name):
-        return math.log(accounting.param_counts(model_lib.preset(name))["non_embedding"])
-
-    points = sorted((log_n(name), math.log(lr)) for name, lr in LR_MEASURED.items())
-    x = log_n(model_name)
+    points = sorted(
+        (math.log(non_embedding_params(name)), math.log(lr)) for name, lr in LR_MEASURED.items()
+    )
+    x = math.log(non_embedding_params(model_name))
     inside = points[0][0] <= x <= points[-1][0]
     i = next((i for i in range(1, len(points) - 1) if x < points[i][0]), len(points) - 1)
     (x0, y0), (x1, y1) = points[i - 1], points[i]
@@ -152,10 +158,7 @@ def steps_for_budget(
 ) -> int:
     """Steps that give `tokens_per_param` tokens per non-embedding parameter (at least
     `min_steps`): token budgets that scale with model size."""
-    from sparsescale import accounting
-    from sparsescale import model as model_lib
-
-    params = accounting.param_counts(model_lib.preset(model_name))["non_embedding"]
+    params = non_embedding_params(model_name)
     return max(min_steps, round(tokens_per_param * params / (batch_size * seq_len)))
 
 

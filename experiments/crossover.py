@@ -48,8 +48,6 @@ from pathlib import Path
 
 from analysis.load import SIZE as SIZE_COLUMN
 from experiments import common
-from sparsescale import accounting
-from sparsescale import model as model_lib
 
 STEPS = 850
 # `python -m launch posttrain experiments/crossover.py:<main arm> --root <root>` on the dense runs
@@ -177,7 +175,7 @@ def shape_rule(d_model: int) -> dict:
 def batch_for(size: str, tokens_per_param: float, steps: int, seq_len: int) -> int:
     """Sequences per step that give `tokens_per_param` tokens per non-embedding parameter in
     `steps` steps (at least 1)."""
-    params = accounting.param_counts(model_lib.preset(size))["non_embedding"]
+    params = common.non_embedding_params(size)
     return max(1, round(tokens_per_param * params / (steps * seq_len)))
 
 

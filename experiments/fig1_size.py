@@ -23,8 +23,6 @@ Expected: whatever the data show, stated with its regime. The pilot found the pe
 """
 
 from experiments import common
-from sparsescale import accounting
-from sparsescale import model as model_lib
 
 PRESETS = {
     "smoke": dict(
@@ -80,7 +78,7 @@ def get_sweep(arg: str = "quick"):
                 if regime == "scaled"
                 else p["fixed_steps"]
             )
-            params = accounting.param_counts(model_lib.preset(size))["non_embedding"]
+            params = common.non_embedding_params(size)
             seeds = p["seeds"] if params <= p.get("max_params_multi_seed", float("inf")) else (0,)
             for sparsity in p["sparsities"]:
                 for seed in seeds:

@@ -35,8 +35,6 @@ import statistics
 
 from analysis import load
 from experiments import common
-from sparsescale import accounting
-from sparsescale import model as model_lib
 
 PRESETS = {
     "smoke": dict(
@@ -85,7 +83,7 @@ def get_config(arg: str = "cpu"):
 
 
 def steps_for(size: str, tokens_per_param: float, batch_size: int, seq_len: int) -> int:
-    params = accounting.param_counts(model_lib.preset(size))["non_embedding"]
+    params = common.non_embedding_params(size)
     return max(1, round(tokens_per_param * params / (batch_size * seq_len)))
 
 
