@@ -27,7 +27,7 @@ PRUNABLE_FRACTION = "prunable_fraction"  # prunable / non-embedding parameters o
 ACTIVE = "n_active_nonembedding"  # non-embedding parameters used per token (MoE: routed experts)
 STRUCTURES = ("dense", "unstructured", "nm", "block", "moe")
 _TABLE_NAMES = ("results.parquet", "results.csv")
-PUBLISHED_DIR = Path(__file__).resolve().parent / "published"  # package data (SOURCES.md)
+PUBLISHED_DIR = Path(__file__).resolve().parent / "published"  # in the checkout (SOURCES.md)
 
 
 def load_results(source: str | Path, *, only_finished: bool = True) -> pd.DataFrame:

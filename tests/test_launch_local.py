@@ -202,6 +202,24 @@ def test_sweep_runs_block_sparse_path_stacked(tmp_path, experiment_file, attempt
         assert summary["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)
 
 
+def test_a_job_started_outside_the_checkout_imports_its_experiments(tmp_path):
+    """Only `sparsescale` is installed: a plain interpreter elsewhere cannot import `launch`,
+    and a job with the launcher's environment imports this checkout's packages from any
+    directory, keeping the PYTHONPATH it was given."""
+    import launch
+
+    code = "import experiments.common, launch; print(launch.CHECKOUT)"
+    bare = {"PATH": os.environ["PATH"], "PYTHONPATH": ""}
+    alone = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=bare,
+                           capture_output=True, text=True)  # fmt: skip
+    assert alone.returncode == 1 and "No module named" in alone.stderr, alone.stderr
+    env = local.child_env(1, base={**bare, "PYTHONPATH": str(tmp_path / "mine")})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(launch.CHECKOUT), str(tmp_path / "mine")]
+    job = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert job.stdout.strip() == str(Path(local.__file__).resolve().parents[2])
+
+
 def test_gpu_host_gives_each_job_its_own_gpus_and_a_cpu_host_is_left_alone(monkeypatch):
     """Device assignment without a GPU: 4 visible GPUs (CUDA_VISIBLE_DEVICES), 2 per job."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")

@@ -1,6 +1,6 @@
 """Data read at run time ships inside the package: the benchmarked machine data
 (`sparsescale/benchmarked/*.json`) and the H100 target config, found through importlib.resources and
-present in a built (non-editable) wheel."""
+present in a built (non-editable) wheel, which holds the library only."""
 
 import importlib.resources
 import json
@@ -47,14 +47,15 @@ def test_defaults_when_measurements_do_not_apply(caplog):
 
 
 @pytest.mark.slow
-def test_built_wheel_contains_the_package_data(tmp_path):
+def test_built_wheel_holds_the_library_and_its_data_only(tmp_path):
+    """Built from the checkout's layout, the wheel has the package data and no top-level name
+    but `sparsescale` (analysis/, launch/, experiments/, benchmarks/ stay in the checkout)."""
     src = tmp_path / "src"
     src.mkdir()
-    shutil.copy(REPO / "pyproject.toml", src)
-    shutil.copy(REPO / "README.md", src)
-    shutil.copytree(
-        REPO / "sparsescale", src / "sparsescale", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, src)
+    for name in ("sparsescale", "analysis", "launch", "experiments", "benchmarks"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(src)],
         capture_output=True,
@@ -64,6 +65,8 @@ def test_built_wheel_contains_the_package_data(tmp_path):
     (wheel,) = tmp_path.glob("sparsescale-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert set(DATA) <= names, sorted(set(DATA) - names)
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"sparsescale"}, top
 
 
 def test_write_records_the_machine(tmp_path):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from launch import planner, signals, state, status
+from launch import checkout_pythonpath, planner, signals, state, status
 from launch.sweep import Run, Sweep, SweepError, save_sweep, trainer_command
 from sparsescale import benchmarked, run_files
 
@@ -112,7 +112,8 @@ def child_env(
     threads: int, base: dict[str, str] | None = None, gpus: tuple[str, ...] | None = None
 ) -> dict[str, str]:
     """Environment of one trainer process limited to `threads` compute threads and, unless
-    `gpus` is None, to those GPUs (none: the CPU backend, so it takes no GPU memory)."""
+    `gpus` is None, to those GPUs (none: the CPU backend, so it takes no GPU memory), with the
+    checkout on its PYTHONPATH."""
     env = dict(os.environ if base is None else base)
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
@@ -130,6 +131,7 @@ def child_env(
     env["XLA_FLAGS"] = " ".join(flags)
     env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = checkout_pythonpath(env.get("PYTHONPATH"))
     return env
 
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import shlex
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from typing import IO, Any
 
 import submitit
 
-from launch import signals, state, status
+from launch import CHECKOUT, signals, state, status
 from launch.backends.local import _needs_work, child_env, open_logs
 from launch.sweep import Resources, Run, Sweep, SweepError, save_sweep, trainer_command
 from sparsescale import preemption, run_files
@@ -176,6 +177,10 @@ def _executor(root: Path, resources: Resources, options: SlurmOptions, name: str
     )
     if resources.gpus_per_node:
         params["gpus_per_node"] = resources.gpus_per_node
+    # the job unpickles `SlurmJob` before it runs anything of ours: the checkout must be importable
+    params["slurm_setup"] = [
+        f"export PYTHONPATH={shlex.quote(str(CHECKOUT))}${{PYTHONPATH:+:$PYTHONPATH}}"
+    ]
     params.update(options.submitit_parameters())
     executor.update_parameters(**params)
     return executor
