@@ -5,12 +5,15 @@
 Each experiment has presets of its own and a default (`--help` lists them); an unknown preset is a
 one-line error (exit 2), and an analysis that finds no finished run exits 1.
 
-In a checkout, `runs/` and `docs/` are the checkout's; from an installed package, the current
-directory's. Runs are trained by the local launcher under the sweep root `<root>/<figure>/<preset>/` (finished
+It runs from the checkout (it is not installed), and `runs/` and `docs/` are the checkout's.
+Runs are trained by the local launcher under the sweep root `<root>/<figure>/<preset>/` (finished
 runs are reused, interrupted ones resume). The results table, reports and figures go to
 `<root>/<figure>/<preset>/analysis/` by default, so a reproduction never touches the committed
 results; `--publish` writes them to `docs/figures/<figure>/<preset>/` instead and refreshes
 `docs/RESULTS.md`; `--out DIR` writes them to `DIR/<figure>/<preset>/`.
+`--config.KEY=VALUE` (the launcher's and trainer's flag, repeatable) changes a field of every
+run, e.g. `--config.data.name=synthetic`: such a reproduction has a sweep root of its own,
+`<root>/<figure>/<preset>+<KEY>=<VALUE>/`, and neither publishes nor redraws committed runs.
 `--analyze-only` redraws without training, to the same places, from the committed run records
 (`docs/records/<figure>/<preset>/`), or where there are none from the committed results table
 (`docs/figures/<figure>/<preset>/results.csv`). A preset that is an arm of another (the
@@ -32,11 +35,11 @@ import shutil
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# In a checkout: its docs/ (committed results: figures/<figure>/<preset>/, records/, RESULTS.md)
-# and runs/. Installed as a package (no docs/ beside it): the current directory's.
-_BASE = REPO if (REPO / "docs" / "records").is_dir() else Path.cwd()
-DOCS = _BASE / "docs"
+from launch.__main__ import CONFIG_FLAGS
+from launch.sweep import SweepError, parse_config_flags
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout
+DOCS = REPO / "docs"  # committed results: figures/<figure>/<preset>/, records/, RESULTS.md
 FIGURES = (
     "headline",
     "crossover",
@@ -77,12 +80,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.reproduce",
         description=__doc__.splitlines()[0],
-        epilog=_presets_epilog() if {"-h", "--help"} & set(argv) else None,
+        epilog=f"{_presets_epilog()}\n\n{CONFIG_FLAGS}" if {"-h", "--help"} & set(argv) else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("figure", choices=FIGURES)
     parser.add_argument("--preset", help="the experiment's preset (default: its own; see --help)")
-    parser.add_argument("--root", type=Path, default=_BASE / "runs", help="sweep roots (runs/)")
+    parser.add_argument("--root", type=Path, default=REPO / "runs", help="sweep roots (runs/)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
         "--publish", action="store_true", help="write to docs/figures and refresh docs/RESULTS.md"
@@ -93,7 +96,18 @@ def main(argv=None) -> int:
         "--stack", type=int, help="runs trained together per process (default: measured; 1: off)"
     )
     parser.add_argument("--analyze-only", action="store_true")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if not all(flag.startswith("--config.") for flag in rest):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        config_overrides = parse_config_flags(rest)
+    except SweepError as e:
+        parser.error(str(e))
+    if config_overrides and (args.publish or args.analyze_only):
+        parser.error(
+            "--config.* changes what is trained: --publish (docs/ holds the experiment as "
+            "declared) and --analyze-only (it trains nothing) do not take it"
+        )
 
     module = importlib.import_module(f"experiments.{args.figure}")
     known = presets_of(module)
@@ -105,8 +119,13 @@ def main(argv=None) -> int:
         )
         return 2
     source = getattr(module, "RESULTS_FROM", args.figure)  # figures that reuse another's runs
-    root = args.root / source / args.preset
-    out = output_dir(args.figure, args.preset, args.root, args.out, args.publish)
+    # a reproduction with --config.* overrides keeps its runs apart from the declared ones
+    name = args.preset
+    if config_overrides:
+        text = "_".join(f"{key}={value}" for key, value in config_overrides.items())
+        name += "+" + re.sub(r"[^A-Za-z0-9._+=-]+", "-", text)
+    root = args.root / source / name
+    out = output_dir(args.figure, name, args.root, args.out, args.publish)
     committed = DOCS / "figures" / args.figure / args.preset / "results.csv"
     # presets that are arms of another share its records (experiment's RECORDS_OF: arm -> preset)
     records_preset = getattr(module, "RECORDS_OF", {}).get(args.preset, args.preset)
@@ -119,14 +138,14 @@ def main(argv=None) -> int:
     if not args.analyze_only:
         if hasattr(module, "get_sweep"):
             spec = f"{REPO / 'experiments' / source}.py:{args.preset}"
-            launch_args = ["run", spec, "--root", str(root), "--records", str(run_records)]
+            launch_args = ["run", spec, "--root", str(root), "--records", str(run_records), *rest]
             if args.jobs:
                 launch_args += ["--jobs", str(args.jobs)]
             stack = args.stack or getattr(module, "MAX_STACK", None)  # the experiment's own cap
             if stack:
                 launch_args += ["--stack", str(stack)]
             code = launch_cli.main(launch_args)
-            if code >= 128:  # interrupted: the launcher said how to resume
+            if code == 2 or code >= 128:  # bad input (nothing ran) or interrupted: it said why
                 return code
             if code and args.publish:  # docs/ shows complete sweeps only
                 print(

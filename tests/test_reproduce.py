@@ -3,6 +3,8 @@
 import shutil
 from pathlib import Path
 
+import pytest
+
 from experiments import reproduce
 
 
@@ -97,23 +99,39 @@ def test_an_analysis_with_no_finished_runs_exits_nonzero(capsys, tmp_path):
     assert "no finished runs of crossover:smoke" in capsys.readouterr().err
 
 
-def test_an_installed_copy_writes_under_the_current_directory(tmp_path):
-    """Without docs/records beside the package (a non-editable install), runs/ and docs/ are
-    the current directory's, not the site-packages directory's; in the checkout, its own."""
-    import subprocess
-    import sys
+def test_config_flags_train_in_a_root_of_their_own_and_bad_ones_stop_before_training(
+    tmp_path, monkeypatch, capsys
+):
+    """`--config.KEY=VALUE` reaches the launcher, keeps its runs apart from the declared sweep's,
+    and is refused with --publish / --analyze-only; a key the config lacks is refused by the
+    launcher before anything trains (exit 2, no sweep root)."""
+    from launch import __main__ as launch_cli
 
-    site = tmp_path / "site" / "experiments"
-    site.mkdir(parents=True)
-    shutil.copy(reproduce.__file__, site / "reproduce.py")
-    (site / "__init__.py").write_text("")
-    work = tmp_path / "work"
-    work.mkdir()
-    code = "from experiments import reproduce as r; print(r.DOCS); print(r._BASE / 'runs')"
-    done = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(site.parent), "PATH": ""}, check=True)  # fmt: skip
-    assert done.stdout.split() == [str(work / "docs"), str(work / "runs")]
-    assert reproduce.DOCS == reproduce.REPO / "docs"  # this checkout
+    root = tmp_path / "runs"
+    flag = "--config.data.name=synthetic"
+    seen = []
+    monkeypatch.setattr(launch_cli, "main", lambda argv: seen.append(argv) or 0)
+    assert reproduce.main(["crossover", "--preset", "smoke", "--root", str(root), flag]) == 1
+    (argv,) = seen
+    own_root = root / "crossover" / "smoke+data.name=synthetic"
+    assert argv[argv.index("--root") + 1] == str(own_root) and argv[-1] == flag
+    assert f"no finished runs of crossover:smoke in {own_root}" in capsys.readouterr().err
+    for refused in ("--publish", "--analyze-only"):
+        with pytest.raises(SystemExit) as exit_:
+            reproduce.main(["crossover", "--preset", "smoke", "--root", str(root), flag, refused])
+        assert (
+            exit_.value.code == 2
+            and "--config.* changes what is trained" in capsys.readouterr().err
+        )
+    with pytest.raises(SystemExit):
+        reproduce.main(["crossover", "--preset", "smoke", "--root", str(root), "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+    monkeypatch.undo()
+    bad = ["crossover", "--preset", "smoke", "--root", str(root), "--config.train.no_such_field=1"]
+    assert reproduce.main(bad) == 2
+    assert "no_such_field" in capsys.readouterr().err
+    assert not list(root.rglob("summary.json"))
 
 
 def test_an_interrupted_or_failed_launch_publishes_nothing(tmp_path, monkeypatch, capsys):
