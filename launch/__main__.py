@@ -8,6 +8,7 @@ python -m launch collect runs/fig1 [--records docs/records/fig1/quick]
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -105,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     )):  # fmt: skip
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from launch import signals
+    from launch.backends import local
     from launch.sweep import SweepError, parse_config_flags
+
+    if getattr(args, "backend", "local") == "local":  # before JAX loads; its local jobs inherit it
+        local.skip_cuda_check_without_gpus(os.environ)
     from sparsescale.run_files import RunFileError
 
     try:

@@ -220,6 +220,33 @@ def test_a_job_started_outside_the_checkout_imports_its_experiments(tmp_path):
     assert job.stdout.strip() == str(Path(local.__file__).resolve().parents[2])
 
 
+def test_without_a_gpu_the_launcher_and_its_jobs_start_jax_without_the_cuda_plugin_traceback(
+    tmp_path, experiment_file
+):
+    """With the CUDA plugin installed (the `aot` extra) and no GPU, a bare JAX start logs a
+    plugin traceback; the launcher's own start (a dry run builds every run's model) and the
+    environment it hands a job do not."""
+    pytest.importorskip("jax_plugins.xla_cuda12")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK")}  # fmt: skip
+    if local.visible_gpus():
+        pytest.skip("this host has a GPU")
+    start = [sys.executable, "-c", "import jax; jax.devices()"]
+    bare = subprocess.run(start, env=env, capture_output=True, text=True)
+    assert "Jax plugin configuration error" in bare.stderr  # the noise this removes
+    spec = f"{experiment_file(tmp_path, [{}])}:smoke"
+    dry = subprocess.run([sys.executable, "-m", "launch", "run", spec, "--root", str(tmp_path / "r"),
+                          "--dry-run"], env=env, capture_output=True, text=True)  # fmt: skip
+    assert dry.returncode == 0 and "1 runs" in dry.stdout, dry.stderr
+    assert "Jax plugin configuration error" not in dry.stderr
+    job_env = dict(env)
+    local.skip_cuda_check_without_gpus(job_env)
+    job = subprocess.run(
+        start, env=local.child_env(1, base=job_env), capture_output=True, text=True
+    )
+    assert job.returncode == 0 and "Jax plugin configuration error" not in job.stderr
+
+
 def test_gpu_host_gives_each_job_its_own_gpus_and_a_cpu_host_is_left_alone(monkeypatch):
     """Device assignment without a GPU: 4 visible GPUs (CUDA_VISIBLE_DEVICES), 2 per job."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")

@@ -108,6 +108,14 @@ def validate_jobs_threads(jobs: int, threads: int) -> None:
         )
 
 
+def skip_cuda_check_without_gpus(env: dict[str, str]) -> None:
+    """On a host with no NVIDIA GPU, an installed CUDA plugin (the `aot` extra) fails its CUDA
+    version check with a traceback every time JAX starts; skip that check there, in `env` (JAX
+    then picks the CPU or a TPU as before). A GPU host keeps the check."""
+    if not visible_gpus():
+        env.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+
 def child_env(
     threads: int, base: dict[str, str] | None = None, gpus: tuple[str, ...] | None = None
 ) -> dict[str, str]:
