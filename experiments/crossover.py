@@ -14,9 +14,9 @@ Runtime:  smoke ≈ 1 min. lr: 35 dense runs, one process each (learning rates d
           1 job × 1 thread: measured ≈ 1.5 h beside other work (the 332K runs 19 min each under
           load). lr_800k: 3 runs, measured ≈ 28 min each (2 jobs × 1 thread); lr_1.8m estimated
           ≈ 76 min a run. main_6k_330k: 144 runs in 21 stacked jobs, measured 58 min on
-          2 jobs × 1 thread (a 332K job of 8 variants ≈ 16 min). main_800k: every level of seeds 0–1
-          and dense / 87.5% of seed 2 done (seed 2's dense and 87.5% runs: 2.6–2.9 s a step,
-          ≈ 45 min as a pair on 2 jobs × 1 thread; 2.2–5 s a step at other times on this VM). main_1.8m:
+          2 jobs × 1 thread (a 332K job of 8 variants ≈ 16 min). main_800k: every level of 3 seeds done
+          (seed 2's dense and 87.5% runs: 2.6–2.9 s a step, ≈ 45 min as a pair on 2 jobs ×
+          1 thread; 2.2–5 s a step at other times on this VM). main_1.8m:
           not run. acc (one H200, not yet run): estimated 5–8 min, from 1.2e17 FLOPs of dense
           steps (masked sparsity costs a dense step) at 40% of the bf16 peak plus start-ups.
 Design:   matched in steps: every run, at every size, takes STEPS = 850 optimizer steps, and the
@@ -39,7 +39,8 @@ Expected: lr (measured, docs/figures/crossover/lr/): every size's optimum is int
           main_6k_330k (measured, docs/figures/crossover/main_6k_330k/main/): the local β of the
           paired gap is negative (the gap grows with N) in 20 of 21 cells below 56K; it
           shrinks from 99K to 332K at 37.5–87.5% (local β +0.43 / +0.32 / +0.17 / +0.05 at 37.5 / 50 / 75 / 87.5%, seed intervals above 0) and is
-          flat at 93.75%.
+          flat at 93.75%. main_800k (measured, same report, 3 seeds): from 332K to 788K the gap
+          shrinks at 93.75% (β +0.19 [+0.06, +0.32]); at 50 / 75 / 87.5% it is inconclusive.
 """
 
 from __future__ import annotations
