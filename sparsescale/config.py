@@ -16,7 +16,6 @@ from flax import traverse_util
 
 from sparsescale import data as data_lib
 from sparsescale import model as model_lib
-from sparsescale import pruner as pruner_lib
 from sparsescale import sharding as shard_lib
 from sparsescale import sparsity as sp
 
@@ -70,7 +69,7 @@ class TrainConfig:
 class RunConfig:
     model: model_lib.ModelConfig
     data: data_lib.DataConfig
-    sparsity: pruner_lib.SparsityConfig
+    sparsity: sp.SparsityConfig
     train: TrainConfig
     mesh: shard_lib.MeshConfig = shard_lib.MeshConfig()
     run_id: str = ""
@@ -107,7 +106,7 @@ def _fields(cls, d: dict, where: str) -> dict:
     return d
 
 
-def _sparsity_config(s: dict) -> pruner_lib.SparsityConfig:
+def _sparsity_config(s: dict) -> sp.SparsityConfig:
     schedule = sp.Schedule(**_fields(sp.Schedule, dict(s.pop("schedule")), "sparsity.schedule"))
     kind, target = s.pop("structure"), float(s.pop("target"))
     n, m = int(s.pop("n")), int(s.pop("m"))
@@ -126,8 +125,8 @@ def _sparsity_config(s: dict) -> pruner_lib.SparsityConfig:
         )
     s["include"] = tuple(s.get("include", sp.DEFAULT_INCLUDE))
     s["exclude"] = tuple(s.get("exclude", sp.DEFAULT_EXCLUDE))
-    return pruner_lib.SparsityConfig(
-        structure=structure, schedule=schedule, **_fields(pruner_lib.SparsityConfig, s, "sparsity")
+    return sp.SparsityConfig(
+        structure=structure, schedule=schedule, **_fields(sp.SparsityConfig, s, "sparsity")
     )
 
 

@@ -8,7 +8,7 @@ plain `jax.jit` step; paths are tuples of keys, a kernel at `(..., "kernel")` ha
 `(..., "mask")`:
 
     graphdef, params, masks, rest = masking.split(model)
-    prune = masking.make_pruner(params, masks, cfg, total_steps)   # cfg: pruner.SparsityConfig
+    prune = masking.make_pruner(params, masks, cfg, total_steps)   # cfg: sparsity.SparsityConfig
     params, masks = masking.apply_initial_masks(prune, params, masks)  # no-op for gradual schedules
     tx = pruner.keep_pruned_zero(optax.adamw(...))
     # in the jitted step, after the gradients:
@@ -52,7 +52,7 @@ def kernel_mask_paths(params: Mapping, masks: Mapping) -> dict[Path, Path]:
 
 
 def make_pruner(
-    params: Mapping, masks: Mapping, cfg: pruner_lib.SparsityConfig, total_steps: int
+    params: Mapping, masks: Mapping, cfg: sp.SparsityConfig, total_steps: int
 ) -> pruner_lib.Pruner:
     """The `Pruner` of every masked kernel matched by `cfg.include` / `cfg.exclude` (a model
     `layers.sparsify` converted: `include=(".*",), exclude=()` prunes every converted layer),

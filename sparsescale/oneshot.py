@@ -47,7 +47,7 @@ class OneShotConfig:
     """method: `METHODS`. structure: `sparsity.Unstructured` / `NM` / `Block` (block: magnitude and
     wanda). allocation (unstructured and block): "uniform", "erk", or "global" (magnitude only:
     one threshold across layers). include / exclude: regular expressions on kernel paths, as in
-    `pruner.SparsityConfig`. damp: λ = damp · mean diag(H) added to H's diagonal (sparsegpt).
+    `sparsity.SparsityConfig`. damp: λ = damp · mean diag(H) added to H's diagonal (sparsegpt).
     block_size: columns per SparseGPT block. refit: solve the kept weights exactly (sparsegpt)."""
 
     method: str = "sparsegpt"
@@ -436,7 +436,7 @@ def _layer_sparsities(shapes: dict[str, tuple], cfg: OneShotConfig) -> dict[str,
 def _prune_magnitude(model, chosen: dict[str, nnx.Module], cfg: OneShotConfig) -> dict:
     """Magnitude scores through the library's own pruner (all allocations), at final sparsity."""
     paths = {name: (*name.split("/"), "kernel") for name in chosen}
-    sparsity_cfg = pruner_lib.SparsityConfig(
+    sparsity_cfg = sp.SparsityConfig(
         structure=cfg.structure,
         allocation=cfg.allocation,
         schedule=sp.Schedule(kind="constant"),

@@ -8,6 +8,7 @@ import optax
 from flax import traverse_util
 
 from sparsescale import pruner as pruner_lib
+from sparsescale import sparsity as sp
 from sparsescale.config import TrainConfig
 
 
@@ -18,7 +19,7 @@ def learning_rate(cfg: TrainConfig) -> optax.Schedule:
     )
 
 
-def make_optimizer(cfg: TrainConfig, sparsity: pruner_lib.SparsityConfig):
+def make_optimizer(cfg: TrainConfig, sparsity: sp.SparsityConfig):
     def decay_mask(params):  # no weight decay on norms and biases
         flat = traverse_util.flatten_dict(params)
         keep = {k: v.ndim >= 2 for k, v in flat.items()}

@@ -7,7 +7,6 @@ train step: the schedule is evaluated from the traced step, so mask updates neve
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Mapping
 
 import jax
@@ -17,73 +16,6 @@ import optax
 from sparsescale import sparsity as sp
 
 Path = tuple
-METHODS = ("magnitude", "random", "set", "rigl", "srste")
-IMPLS = ("masked", "block")  # `SparseLinear` impls the trainer runs pruned layers with
-
-
-@dataclasses.dataclass(frozen=True)
-class SparsityConfig:
-    """How a model is sparsified over training.
-
-    method: "magnitude" (prune by |w|), "random" (seeded random scores: static random sparsity
-    with a constant schedule), "set" / "rigl" (dynamic sparse training; schedule kind "dynamic"),
-    "srste" (N:M with sparse-refined straight-through estimator; dense weights keep training).
-
-    impl (`IMPLS`, a subset of the layers' vocabulary `layers.IMPLS`): how pruned layers execute.
-    "masked": dense matmul of kernel ⊙ mask throughout. "block" (block structures): the trainer switches them to the block-sparse path once every pruned
-    layer is at most `switch_density` dense (None: the break-even density measured for the block
-    size by benchmarks/block_sparse.py), and again at the final sparsity (two recompiles at most).
-    Same results as "masked" up to float rounding; balanced blocks (`sparsity.Block(balanced=True)`) give
-    the tightest tile budget and so the most speed.
-    """
-
-    structure: sp.Structure | None = None
-    allocation: str = "uniform"
-    schedule: sp.Schedule = sp.Schedule()
-    method: str = "magnitude"
-    include: tuple[str, ...] = sp.DEFAULT_INCLUDE
-    exclude: tuple[str, ...] = sp.DEFAULT_EXCLUDE
-    srste_decay: float = 2e-4
-    seed: int = 0
-    impl: str = "masked"
-    switch_density: float | None = None
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown pruning method {self.method!r}; expected one of {METHODS}.")
-        if self.method in ("set", "rigl"):
-            if not isinstance(self.structure, sp.Unstructured):
-                raise ValueError(f"{self.method} needs an unstructured structure.")
-            if self.schedule.kind != "dynamic":
-                raise ValueError(f"{self.method} needs schedule kind 'dynamic'.")
-        if self.method == "srste" and not isinstance(self.structure, sp.NM):
-            raise ValueError("srste needs an N:M structure.")
-        if self.allocation == "global" and isinstance(self.structure, sp.NM):
-            raise ValueError("N:M sparsity is per group; use allocation 'uniform' with N:M.")
-        if self.impl not in IMPLS:
-            raise ValueError(f"Unknown sparsity impl {self.impl!r}; expected one of {IMPLS}.")
-        if self.impl == "block" and not isinstance(self.structure, sp.Block):
-            raise ValueError(f"impl 'block' needs a block structure, got {self.structure}.")
-        if self.switch_density is not None and not 0.0 < self.switch_density <= 1.0:
-            raise ValueError(f"switch_density must be in (0, 1], got {self.switch_density}.")
-        balanced = isinstance(self.structure, sp.Block) and self.structure.balanced
-        if balanced and self.allocation == "global":
-            raise ValueError(
-                "balanced blocks are per block-column; use allocation 'uniform'/'erk'."
-            )
-        if self.allocation not in ("uniform", "erk", "global"):
-            raise ValueError(
-                f"Unknown allocation {self.allocation!r}; expected 'uniform', 'erk' or 'global'."
-            )
-
-    @property
-    def dense_grad(self) -> bool:
-        """Whether layers must expose the dense gradient (straight-through) to the pruner."""
-        return self.method in ("rigl", "srste")
-
-    @property
-    def keeps_pruned_zero(self) -> bool:
-        return self.method != "srste"
 
 
 def kernel_to_mask_path(path: Path) -> Path:
@@ -98,7 +30,10 @@ class Pruner:
     """
 
     def __init__(
-        self, cfg: SparsityConfig, kernel_shapes: Mapping[Path, tuple[int, ...]], total_steps: int
+        self,
+        cfg: sp.SparsityConfig,
+        kernel_shapes: Mapping[Path, tuple[int, ...]],
+        total_steps: int,
     ):
         self.cfg, self.total_steps = cfg, int(total_steps)
         self.seed = cfg.seed

@@ -12,7 +12,6 @@ from flax import nnx
 
 from sparsescale import block_phase, layers, train
 from sparsescale import config as config_lib
-from sparsescale import pruner as pruner_lib
 from sparsescale import sparsity as sp
 from sparsescale import step as step_lib
 from sparsescale.kernels import xla_block
@@ -41,11 +40,11 @@ def test_balanced_and_block_impl_reject_bad_input():
     with pytest.raises(ValueError, match="keeps no block"):
         sp.Block(0.9, (64, 64), balanced=True).validate((256, 256))
     with pytest.raises(ValueError, match="needs a block structure"):
-        pruner_lib.SparsityConfig(structure=sp.Unstructured(0.5), impl="block")
+        sp.SparsityConfig(structure=sp.Unstructured(0.5), impl="block")
     with pytest.raises(ValueError, match="per block-column"):
-        pruner_lib.SparsityConfig(structure=sp.Block(0.5, balanced=True), allocation="global")
+        sp.SparsityConfig(structure=sp.Block(0.5, balanced=True), allocation="global")
     with pytest.raises(ValueError, match="switch_density"):
-        pruner_lib.SparsityConfig(structure=sp.Block(0.5), impl="block", switch_density=0.0)
+        sp.SparsityConfig(structure=sp.Block(0.5), impl="block", switch_density=0.0)
     with pytest.raises(ValueError, match="block_budget"):
         layers.SparseLinear(
             32,

@@ -16,7 +16,7 @@ def test_masking_on_the_transformer_constant_schedule():
     graphdef, params, masks, rest = masking.split(model)
     paths = masking.kernel_mask_paths(params, masks)
     assert paths and all(k[-1] == "kernel" and m[-1] == "mask" for k, m in paths.items())
-    cfg = pruner.SparsityConfig(
+    cfg = sp.SparsityConfig(
         structure=sp.Unstructured(0.75), schedule=sp.Schedule("constant")
     )  # default include/exclude: attention and MLP kernels
     prune = masking.make_pruner(params, masks, cfg, total_steps=10)

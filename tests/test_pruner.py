@@ -66,7 +66,7 @@ def test_newly_pruned_weights_become_zero_and_regrown_start_with_fresh_moments()
 
 
 def test_gradual_pruner_follows_schedule_inside_jit():
-    cfg = pr.SparsityConfig(
+    cfg = sp.SparsityConfig(
         structure=sp.Unstructured(0.75), schedule=sp.Schedule("gradual", 0.25, 0.75, 10, 3.0)
     )
     pruner = pr.Pruner(cfg, SHAPES, total_steps=100)
@@ -92,7 +92,7 @@ def test_erk_and_global_allocations_hit_the_overall_target():
     kernels = _kernels()
     total = sum(np.prod(s) for s in SHAPES.values())
     for allocation in ("erk", "global"):
-        cfg = pr.SparsityConfig(
+        cfg = sp.SparsityConfig(
             structure=sp.Unstructured(0.5), allocation=allocation, schedule=sp.Schedule("constant")
         )
         masks = pr.Pruner(cfg, SHAPES, 10).initial_masks(kernels)
@@ -102,7 +102,7 @@ def test_erk_and_global_allocations_hit_the_overall_target():
 
 @pytest.mark.parametrize("method", ["set", "rigl"])
 def test_dynamic_sparse_training_keeps_exact_counts_and_changes_masks(method):
-    cfg = pr.SparsityConfig(
+    cfg = sp.SparsityConfig(
         structure=sp.Unstructured(0.8),
         schedule=sp.Schedule("dynamic", 0.0, 0.75, 5, drop_fraction=0.3),
         method=method,
@@ -130,10 +130,10 @@ def test_dynamic_sparse_training_keeps_exact_counts_and_changes_masks(method):
 
 def test_srste_requires_nm_and_random_masks_are_nested():
     with pytest.raises(ValueError, match="N:M"):
-        pr.SparsityConfig(structure=sp.Unstructured(0.5), method="srste")
+        sp.SparsityConfig(structure=sp.Unstructured(0.5), method="srste")
     with pytest.raises(ValueError, match="dynamic"):
-        pr.SparsityConfig(structure=sp.Unstructured(0.5), method="rigl")
-    cfg = pr.SparsityConfig(structure=sp.Unstructured(0.75), method="random")
+        sp.SparsityConfig(structure=sp.Unstructured(0.5), method="rigl")
+    cfg = sp.SparsityConfig(structure=sp.Unstructured(0.75), method="random")
     pruner = pr.Pruner(cfg, SHAPES, 100)
     kernels = _kernels()
     m50 = pruner.update(50, kernels, pruner.initial_masks(kernels))
