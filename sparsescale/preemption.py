@@ -9,6 +9,7 @@ resumes such a run from its checkpoint without counting a failed try.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -24,6 +25,19 @@ class Preempted(Exception):
     def __init__(self, signame: str, step: int):
         super().__init__(f"stopped by {signame} after step {step}; checkpoint saved")
         self.signame, self.step = signame, step
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Holds SIGNALS in this thread (blocked: pending, not lost). A trainer started inside
+    inherits the block and releases it once its StopRequests handlers are in place, so a stop
+    request that comes while it starts up (a requeued Slurm job can be signalled at once) is
+    answered with a checkpoint instead of killing it."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class StopRequests:
@@ -44,6 +58,7 @@ class StopRequests:
         self._multiprocess = jax.process_count() > 1
         if threading.current_thread() is threading.main_thread():
             self._old = {s: signal.signal(s, self._note) for s in SIGNALS}
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # held by `signals_held`
         return self
 
     def __exit__(self, *exc) -> None:

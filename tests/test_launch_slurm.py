@@ -148,6 +148,33 @@ def test_signalled_or_cancelled_slurm_job_resumes_and_matches_an_uninterrupted_r
             assert finals[name][key] == pytest.approx(finals["plain"][key], rel=1e-5), name
 
 
+def test_a_job_at_its_time_limit_is_requeued_and_matches_an_uninterrupted_run(
+    tmp_path, slurm_env, attempts, experiment_file
+):
+    """A literal time limit: a 2-minute job signalled 45 s before it (`--slurm signal_delay_s=45`,
+    Slurm's own `--signal`, which may come up to 60 s early; no scancel) checkpoints, is requeued
+    without spending a try, and ends with the losses of the same run under a 60-minute limit,
+    trained beside it. 50000 steps take over 75 s here, so the first instance is signalled."""
+    sweep = [{"train.seed": 0}, {"train.seed": 0, "launch.timeout_min": 2}]
+    exp = experiment_file(tmp_path, sweep, steps=50000, log_every=500, ckpt_every=4000)
+    root = tmp_path / "root"
+    args = ["run", f"{exp}:smoke", "--root", str(root), "--backend", "slurm", "--poll", "1",
+            "--max-retries", "0", "--slurm", "signal_delay_s=45"]  # fmt: skip
+    done = _launch(args, slurm_env, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    plain, limited = attempts(root, "seed-0"), attempts(root, "seed-0_timeout_min-2")
+    assert [a["outcome"] for a in plain] == ["done"], plain
+    outcomes = [a["outcome"] for a in limited]
+    assert outcomes[-1] == "done" and set(outcomes[:-1]) == {"preempted"} and outcomes[:-1], limited
+    assert all(a["slurm_job_id"] == limited[0]["slurm_job_id"] for a in limited)  # requeued
+    assert re.match(r"preempted: stopped by SIGUSR[12] after step \d+;", limited[0]["error"])
+    finals = [
+        run_files.read_json(root / r / "summary.json") for r in ("seed-0", "seed-0_timeout_min-2")
+    ]
+    for key in ("train_loss", "eval_loss"):
+        assert finals[1][key] == pytest.approx(finals[0][key], rel=1e-5), key
+
+
 def test_bad_partition_is_one_line_and_records_nothing(tmp_path, slurm_env, experiment_file):
     exp = experiment_file(tmp_path, [{"train.seed": 0}])
     root = tmp_path / "root"

@@ -138,6 +138,25 @@ def test_sweep_json_keeps_earlier_runs_and_refuses_changed_overrides(tmp_path):
         sweep.save_sweep(root, other)
 
 
+def test_slurm_refuses_a_time_limit_its_warning_signal_would_reach_at_start(tmp_path):
+    """Slurm signals `signal_delay_s` before the limit but up to 60 s earlier: a job no longer
+    than both would be signalled to checkpoint as it starts. Refused before anything is written."""
+    from launch.backends import slurm
+
+    expanded = sweep.expand(
+        write_experiment(tmp_path, '[{"launch.timeout_min": 2}, {"launch.timeout_min": 1}]')
+    )
+    root, delay_30 = tmp_path / "root", slurm.SlurmOptions(slurm=(("signal_delay_s", "30"),))
+    with pytest.raises(SweepError, match=r"timeout_min-1: launch.timeout_min=1 .* over 90 s"):
+        slurm.run_slurm(expanded, root, delay_30)
+    assert not root.exists()
+    slurm.check_time_limits(expanded.runs[:1], delay_30)  # 120 s > 30 s + 60 s
+    with pytest.raises(SweepError, match=r"timeout_min=2 .*signal_delay_s=90 s .* over 150 s"):
+        slurm.check_time_limits(expanded.runs[:1], slurm.SlurmOptions())  # submitit's 90 s
+    with pytest.raises(SweepError, match="signal_delay_s=1m: expected whole seconds"):
+        slurm.SlurmOptions(slurm=(("signal-delay-s", "1m"),))
+
+
 def test_trainer_command_round_trips_through_config_flags(tmp_path):
     """The command's flags, parsed by ml_collections like the trainer does, give the run's config."""
     spec = write_experiment(
@@ -295,6 +314,30 @@ def test_preempted_attempt_is_resumed_not_failed_and_requeue_is_one_edit(tmp_pat
     fresh = tmp_path / "fresh"
     state.drop_attempt(fresh, state.begin_attempt(fresh, "slurm"))
     assert not fresh.exists()  # a run whose only submission failed keeps no record
+
+
+@pytest.mark.parametrize(("exit_code", "outcome"), [(0, state.DONE), (3, state.FAILED)])
+def test_a_slurm_signal_after_the_trainer_exited_still_closes_its_attempt(
+    tmp_path, exit_code, outcome
+):
+    """The time-limit signal lands after the trainer exited but before the job recorded it:
+    submitit ends the job from `checkpoint` (no requeue), so `checkpoint` closes the attempt;
+    called again (the signal after `__call__` recorded it), it changes nothing."""
+    from launch.backends import slurm
+
+    workdir = tmp_path / "run"
+    n = state.begin_attempt(workdir, "slurm", slurm_job_id="9")
+    if exit_code == 0:
+        run_files.write_json_atomic(workdir / run_files.SUMMARY, {"eval_loss": 1.0})
+    job = slurm.SlurmJob()
+    job._process = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({exit_code})"])
+    job._process.wait()
+    for _ in range(2):
+        assert job.checkpoint(str(tmp_path), "run", n, [], 1) is None  # not requeued
+        (attempt,) = run_files.read_json(workdir / "launch.json")["attempts"]
+        assert (attempt["outcome"], attempt["exit_code"]) == (outcome, exit_code)
+        ended = attempt["ended"]
+    assert ended is not None
 
 
 def test_finish_attempt_reads_trainer_failure(tmp_path):

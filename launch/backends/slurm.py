@@ -32,6 +32,10 @@ from sparsescale import preemption, run_files
 
 POLL_S = 1.0
 STOP_GRACE_S = 80.0  # a trainer's time to checkpoint and exit (submitit signals 90 s early)
+SUBMITIT_SIGNAL_DELAY_S = 90  # submitit's default `signal_delay_s`
+SLURM_SIGNAL_SLACK_S = 60  # Slurm may send `--signal` up to 60 s before the time asked (its docs)
+# submitit's default (3) would end a run at its 4th time limit; each requeue resumes a checkpoint
+MAX_TIME_LIMIT_REQUEUES = 1000
 
 
 # sbatch settings that come from each run's `config.launch` (Resources), not from `--slurm`.
@@ -58,13 +62,23 @@ class SlurmOptions:
     slurm: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
-        for name, _ in self.slurm:
+        for name, value in self.slurm:
             if name in FROM_CONFIG:
                 raise SweepError(
                     f"--slurm {name}=…: set config.launch.{FROM_CONFIG[name]} per run instead"
                 )
             if not name or not name.replace("_", "").replace("-", "").isalnum():
                 raise SweepError(f"--slurm {name!r}: not a Slurm option name")
+            if name.replace("-", "_") == "signal_delay_s" and not value.isdigit():
+                raise SweepError(f"--slurm signal_delay_s={value}: expected whole seconds")
+
+    @property
+    def signal_delay_s(self) -> int:
+        """How long before its time limit a job is asked to checkpoint."""
+        for name, value in self.slurm:
+            if name.replace("-", "_") == "signal_delay_s":
+                return int(value)
+        return SUBMITIT_SIGNAL_DELAY_S
 
     def submitit_parameters(self) -> dict[str, Any]:
         """`slurm` as submitit parameters: its own names prefixed, the rest passed to sbatch."""
@@ -107,12 +121,13 @@ class SlurmJob:
 
     def __init__(self):
         self._process: subprocess.Popen | None = None
+        self._started = 0.0  # when __call__ started the trainer (time.time())
 
     def __getstate__(self) -> dict:  # the requeued job starts its own trainer
         return {}
 
     def __setstate__(self, _: dict) -> None:
-        self._process = None
+        self.__init__()
 
     def __call__(self, root: str, run_id: str, attempt: int, command: list[str], threads: int):
         env = submitit.JobEnvironment()
@@ -124,12 +139,13 @@ class SlurmJob:
             return None
         suffix = "" if rank == 0 else f".task{rank}"
         stdout, stderr = open_logs(workdir, attempt, suffix)
-        started = time.time()
+        started = self._started = time.time()
         with stdout, stderr:
-            self._process = subprocess.Popen(
-                command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-                env=child_env(threads),
-            )  # fmt: skip
+            with preemption.signals_held():  # the trainer takes stop signals once it can save
+                self._process = subprocess.Popen(
+                    command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+                    env=child_env(threads),
+                )  # fmt: skip
             if rank == 0:
                 state.mark_started(workdir, attempt, self._process.pid, slurm_job_id=env.job_id)
             # Polled, not wait(): submitit's signal handler runs `checkpoint` in this thread,
@@ -137,7 +153,8 @@ class SlurmJob:
             while (code := self._process.poll()) is None:
                 time.sleep(POLL_S)
         if rank == 0:
-            outcome = state.finish_attempt(workdir, attempt, code, started)
+            with preemption.signals_held():  # a late time-limit signal: `checkpoint` after this
+                outcome = state.finish_attempt(workdir, attempt, code, started)
             if outcome["outcome"] not in (state.DONE, state.PREEMPTED):
                 raise RuntimeError(f"run {run_id}: {outcome['error']}")
         elif code not in (0, preemption.PREEMPTED_EXIT):
@@ -145,17 +162,25 @@ class SlurmJob:
         return code
 
     def checkpoint(self, root: str, run_id: str, attempt: int, command: list[str], threads: int):
-        """Stop the trainer at a checkpoint; the DelayedSubmission that resumes it, or None
-        (no requeue) if the trainer finished or did not stop within STOP_GRACE_S."""
+        """Stop the trainer at a checkpoint; the DelayedSubmission that resumes it (the same
+        attempt if no trainer started yet), or None (no requeue) if the trainer finished or did
+        not stop within STOP_GRACE_S."""
         process, workdir = self._process, Path(root) / run_id
-        if process is None or process.poll() is not None:
-            return None
-        process.send_signal(signal.SIGUSR1)  # Slurm signalled it too, unless `scancel --batch`
-        deadline = time.monotonic() + STOP_GRACE_S
-        while process.poll() is None and time.monotonic() < deadline:
-            time.sleep(POLL_S)
+        if process is None:  # signalled before its trainer started: the same attempt, requeued
+            return submitit.helpers.DelayedSubmission(self, root, run_id, attempt, command, threads)
+        if process.poll() is None:
+            process.send_signal(signal.SIGUSR1)  # Slurm signalled it too, unless `scancel --batch`
+            deadline = time.monotonic() + STOP_GRACE_S
+            while process.poll() is None and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+        if process.returncode is None:
+            return None  # stuck: killed at the limit; the launcher reads the open attempt as failed
         if process.returncode != preemption.PREEMPTED_EXIT:
-            return None  # done, failed or stuck: __call__ / the launcher records what happened
+            # It finished (or failed) as the signal came. No requeue ends the job from this
+            # handler, inside __call__: record the outcome here unless __call__ already did.
+            if state.attempt_open(workdir, attempt):
+                state.finish_attempt(workdir, attempt, process.returncode, self._started)
+            return None
         reason = state.preempted_reason(workdir / "stderr.log")
         env = submitit.JobEnvironment()
         n = state.requeue_attempt(
@@ -165,7 +190,9 @@ class SlurmJob:
 
 
 def _executor(root: Path, resources: Resources, options: SlurmOptions, name: str):
-    executor = submitit.AutoExecutor(folder=root / "slurm", cluster="slurm")
+    executor = submitit.AutoExecutor(
+        folder=root / "slurm", cluster="slurm", slurm_max_num_timeout=MAX_TIME_LIMIT_REQUEUES
+    )
     params: dict[str, Any] = dict(
         name=name,
         timeout_min=resources.timeout_min,
@@ -224,8 +251,26 @@ def _cause(error: Exception) -> str:
     return (errors or lines or [type(error).__name__])[-1]
 
 
+def check_time_limits(runs: tuple[Run, ...], options: SlurmOptions) -> None:
+    """Refuse a time limit that Slurm's warning signal would reach as the job starts.
+
+    Slurm signals `signal_delay_s` before the limit, but up to a minute earlier: a shorter job
+    would be requeued at every start without training (or die before its handler is in place).
+    """
+    least_s = options.signal_delay_s + SLURM_SIGNAL_SLACK_S
+    for run in runs:
+        if run.resources.timeout_min * 60 <= least_s:
+            raise SweepError(
+                f"{run.run_id}: launch.timeout_min={run.resources.timeout_min} leaves no time to "
+                f"train on Slurm: it is signalled to checkpoint signal_delay_s="
+                f"{options.signal_delay_s} s before the limit, up to {SLURM_SIGNAL_SLACK_S} s "
+                f"earlier; give it over {least_s} s or a smaller --slurm signal_delay_s"
+            )
+
+
 def run_slurm(sweep: Sweep, root: Path, options: SlurmOptions, out: IO[str] = sys.stdout) -> int:
     """Submit unfinished runs; with `wait`, resubmit failures until done. Returns failed runs."""
+    check_time_limits(sweep.runs, options)
     if shutil.which("sbatch") is None:
         raise SweepError("--backend slurm: sbatch is not on PATH (no Slurm client on this host)")
     root = Path(root).resolve()
