@@ -211,18 +211,12 @@ def test_impl_errors_and_auto():
     auto = layers.SparseLinear(8, 8, impl="auto", structure=sp.NM(2, 4), rngs=nnx.Rngs(0))
     assert auto.impl == ("masked" if jax.default_backend() == "cpu" else "nm")
     # The config vocabulary ("masked" | "block") is a subset of the layer's.
-    assert set(pruner_vocabulary()) <= set(layers.IMPLS)
+    assert set(sp.IMPLS) <= set(layers.IMPLS)
     with pytest.warns(DeprecationWarning, match="lowering='xla'"):
         old = layers.SparseLinear(
             16, 16, impl="xla_block", structure=sp.Block(0.5, (8, 8)), rngs=nnx.Rngs(0)
         )
     assert (old.impl, old.lowering) == ("block", "xla")
-
-
-def pruner_vocabulary():
-    from sparsescale import pruner
-
-    return pruner.IMPLS
 
 
 def test_compressed_views_round_trip():
