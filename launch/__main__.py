@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if getattr(args, "backend", "local") == "local":  # before JAX loads; its local jobs inherit it
         local.skip_cuda_check_without_gpus(os.environ)
+    if args.command != "posttrain":  # posttrain prunes and evaluates in this process
+        import jax
+
+        # The launcher only checks and counts configs: it must not take an accelerator (a TPU's
+        # lock, a GPU's preallocated memory) from its jobs. This process only, not their env.
+        jax.config.update("jax_platforms", "cpu")
     from sparsescale.run_files import RunFileError
 
     try:

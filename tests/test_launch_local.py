@@ -247,6 +247,27 @@ def test_without_a_gpu_the_launcher_and_its_jobs_start_jax_without_the_cuda_plug
     assert job.returncode == 0 and "Jax plugin configuration error" not in job.stderr
 
 
+def test_the_launcher_takes_no_accelerator_from_its_jobs(tmp_path, experiment_file):
+    """The launcher checks configs with JAX (process counts), but a TPU's chips are one
+    process's and a GPU's memory is preallocated: with the accelerator plugins installed (the
+    `aot` extra), a bare JAX start tries them; the launcher's own start tries only the CPU."""
+    probe = (
+        "from jax._src import xla_bridge as xb; print(sorted({*xb._backends, *xb._backend_errors}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    bare = subprocess.run([sys.executable, "-c", f"import jax; jax.process_count(); {probe}"],
+                          env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    if bare.stdout.split("\n")[-2] == "['cpu']":
+        pytest.skip("no accelerator plugin installed")
+    spec, root = f"{experiment_file(tmp_path, [{}])}:smoke", str(tmp_path / "r")
+    code = (f"from launch.__main__ import main; "
+            f"assert main(['run', {spec!r}, '--root', {root!r}, '--dry-run']) == 0; {probe}")  # fmt: skip
+    launcher = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True)  # fmt: skip
+    assert launcher.returncode == 0, launcher.stderr
+    assert launcher.stdout.split("\n")[-2] == "['cpu']", (bare.stdout, launcher.stdout)
+
+
 def test_gpu_host_gives_each_job_its_own_gpus_and_a_cpu_host_is_left_alone(monkeypatch):
     """Device assignment without a GPU: 4 visible GPUs (CUDA_VISIBLE_DEVICES), 2 per job."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
