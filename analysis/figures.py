@@ -41,6 +41,14 @@ def _short(v: float) -> str:
     return f"{v:g}"
 
 
+def count_label(v: float) -> str:
+    """A parameter count in 3 significant digits with its unit: 98.6K, 1.77M."""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{unit}"
+    return f"{v:.3g}"
+
+
 def size_axis(ax, axis: str = "x") -> None:
     """Log size axis labelled 10K, 20K, ...: ticks at 1, 2, 5 × 10^k over up to ~2 decades,
     at 10^k beyond. Call after plotting (it reads the axis range)."""
@@ -158,7 +166,7 @@ def plot_gap_vs_budget(
             ax.errorbar(pts["tokens"] / size, pts["gap"], yerr=err, fmt="o-", ms=4, lw=1,
                         color=color, label=label, zorder=3)  # fmt: skip
         ax.set(xscale="log", xlabel="tokens per non-embedding parameter D/N",
-               title=f"N = {size / 1e3:.1f}K non-embedding parameters")  # fmt: skip
+               title=f"N = {count_label(size)} non-embedding parameters")  # fmt: skip
         budgets = sorted((sub["tokens"] / size).unique())
         ax.set_xticks(budgets, [f"{b:.3g}" for b in budgets])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

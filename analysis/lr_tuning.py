@@ -106,7 +106,7 @@ def plot(results: pd.DataFrame, table: pd.DataFrame, path=None):
     for i, size in enumerate(sizes):
         color = cmap(i / max(len(sizes) - 1, 1) * 0.9)
         group = results[results[SIZE] == size].groupby("lr")["eval_loss"].mean().sort_index()
-        ax.plot(group.index, group.to_numpy(), "o-", color=color, label=f"{size / 1e3:.3g}K")
+        ax.plot(group.index, group.to_numpy(), "o-", color=color, label=figures.count_label(size))
         best = table[table[SIZE] == size]
         star = best[best["status"] == "interior"]
         if len(star):

@@ -260,3 +260,11 @@ def test_comparison_figure_puts_each_data_set_on_shared_axes(tmp_path):
         assert [list(line.get_ydata()) for line in lines] == expected
     assert [line.get_linestyle() for line in (c.lines[0] for c in left.containers)] == ["-", "--"]
     assert not _audit(fig)
+
+
+def test_count_labels_keep_three_digits_in_the_right_unit():
+    from analysis.figures import count_label
+
+    assert [count_label(n) for n in (999, 6_200, 98_560, 331_776, 1_771_200, 2.5e9)] == [
+        "999", "6.2K", "98.6K", "332K", "1.77M", "2.5B"
+    ]  # fmt: skip
