@@ -34,19 +34,13 @@ def save(fig: plt.Figure, path: str | Path | None) -> plt.Figure:
     return fig
 
 
-def _short(v: float) -> str:
+def count_label(v: float, spec: str = ".3g") -> str:
+    """A count with its unit, in format `spec`: 98.6K, 1.77M (3 significant digits by
+    default; "g" keeps up to 6, as the size axes' ticks and legends do)."""
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(v) >= div:
-            return f"{v / div:g}{unit}"
-    return f"{v:g}"
-
-
-def count_label(v: float) -> str:
-    """A parameter count in 3 significant digits with its unit: 98.6K, 1.77M."""
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(v) >= div:
-            return f"{v / div:.3g}{unit}"
-    return f"{v:.3g}"
+            return f"{v / div:{spec}}{unit}"
+    return f"{v:{spec}}"
 
 
 def size_axis(ax, axis: str = "x") -> None:
@@ -57,7 +51,7 @@ def size_axis(ax, axis: str = "x") -> None:
     lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
     subs = (1.0, 2.0, 5.0) if np.log10(hi / lo) <= 2.2 else (1.0,)  # ≤ ~8 labels either way
     target.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
-    target.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _short(v)))
+    target.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: count_label(v, "g")))
     target.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
@@ -339,7 +333,7 @@ def plot_structure_penalty(df: pd.DataFrame, path=None) -> plt.Figure:
                     pts["penalty"],
                     "o-",
                     color=cmap(i / max(len(sizes), 1) * 0.85),
-                    label=f"N={_short(n)}, S={s:g}",
+                    label=f"N={count_label(n, 'g')}, S={s:g}",
                 )
         ax.axhline(0, color="k", lw=0.8)
         ax.set(

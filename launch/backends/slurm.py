@@ -75,10 +75,7 @@ class SlurmOptions:
     @property
     def signal_delay_s(self) -> int:
         """How long before its time limit a job is asked to checkpoint."""
-        for name, value in self.slurm:
-            if name.replace("-", "_") == "signal_delay_s":
-                return int(value)
-        return SUBMITIT_SIGNAL_DELAY_S
+        return int(self.submitit_parameters().get("slurm_signal_delay_s", SUBMITIT_SIGNAL_DELAY_S))
 
     def submitit_parameters(self) -> dict[str, Any]:
         """`slurm` as submitit parameters: its own names prefixed, the rest passed to sbatch."""
@@ -139,7 +136,7 @@ class SlurmJob:
             return None
         suffix = "" if rank == 0 else f".task{rank}"
         stdout, stderr = open_logs(workdir, attempt, suffix)
-        started = self._started = time.time()
+        self._started = time.time()
         with stdout, stderr:
             with preemption.signals_held():  # the trainer takes stop signals once it can save
                 self._process = subprocess.Popen(
@@ -154,7 +151,7 @@ class SlurmJob:
                 time.sleep(POLL_S)
         if rank == 0:
             with preemption.signals_held():  # a late time-limit signal: `checkpoint` after this
-                outcome = state.finish_attempt(workdir, attempt, code, started)
+                outcome = state.finish_attempt(workdir, attempt, code, self._started)
             if outcome["outcome"] not in (state.DONE, state.PREEMPTED):
                 raise RuntimeError(f"run {run_id}: {outcome['error']}")
         elif code not in (0, preemption.PREEMPTED_EXIT):
